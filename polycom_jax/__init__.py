@@ -1,0 +1,1 @@
+"""polycom-jax: PolyCom activations (PolyNorm, PolyReLU) in JAX/Flax language models."""

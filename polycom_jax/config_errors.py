@@ -1,0 +1,5 @@
+"""The one error type for bad configuration or input, raised before anything compiles."""
+
+
+class ConfigError(ValueError):
+  """A config value, path or checkpoint that cannot work; the message names the field."""

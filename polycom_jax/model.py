@@ -1,0 +1,343 @@
+"""Decoder-only transformer (Llama-style) in Flax NNX with a configurable MLP activation.
+
+Token embedding -> N x [RMSNorm -> causal GQA attention with RoPE -> residual,
+RMSNorm -> MLP W_down(act(W_up x)) (gated: W_down(act(W_gate x) * W_up x)) -> residual]
+-> RMSNorm -> output head. Parameters are float32 and carry logical axis names (`embed`, `mlp`,
+`heads`, `kv_heads`, `head_dim`, `vocab`) that sharding rules map onto a mesh; compute runs in
+`ModelConfig.dtype`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from polycom_jax import activations
+from polycom_jax.config_errors import ConfigError
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = ("none", "full", "save_matmuls")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The model's shape and numerics, resolved (no "auto", no 0 = default) and validated."""
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  d_ff: int
+  activation: str = "polynorm"
+  activation_impl: str = "auto"
+  activation_order: int = 3
+  activation_per_expert: bool = False
+  max_seq_len: int = 2048
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  qk_norm: bool = False
+  tie_embeddings: bool = False
+  init_std: float = 0.02
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  attention_impl: str = "auto"
+  document_mask: bool = False
+  remat: str = "none"
+  scan_layers: bool = False
+  num_experts: int = 0
+  num_experts_per_tok: int = 0
+  moe_d_ff: int = 0
+  moe_impl: str = "ragged"
+  moe_capacity_factor: float = 1.25
+  moe_renormalize: bool = False
+  moe_aux_loss_weight: float = 0.0
+  moe_z_loss_weight: float = 0.0
+
+  def __post_init__(self):
+    _validate(self)
+
+  @property
+  def gated(self) -> bool:
+    return activations.get(self.activation).gated
+
+  @property
+  def compute_dtype(self) -> Any:
+    return DTYPES[self.dtype]
+
+  @classmethod
+  def from_config(cls, model: ml_collections.ConfigDict) -> ModelConfig:
+    """Resolves config.model (d_ff, head_dim and dtype "auto") into a validated ModelConfig."""
+    m = dict(model.to_dict() if hasattr(model, "to_dict") else model)
+    act = activations.get(m.get("activation", "polynorm"))
+    _require(m.get("num_heads", 0) > 0, "config.model.num_heads", "must be > 0")
+    _require(m["d_model"] > 0, "config.model.d_model", "must be > 0")
+    if not m.get("head_dim"):
+      _require(m["d_model"] % m["num_heads"] == 0, "config.model.d_model",
+               f"({m['d_model']}) must be divisible by config.model.num_heads ({m['num_heads']})")
+      m["head_dim"] = m["d_model"] // m["num_heads"]
+    multiple = m.pop("d_ff_multiple_of", 128)
+    ungated = m.pop("ungated_d_ff", 4 * m["d_model"])
+    if not m.get("d_ff"):
+      m["d_ff"] = matched_d_ff(ungated, act.gated, multiple)
+    if not m.get("moe_d_ff") and m.get("num_experts", 0) > 0:
+      m["moe_d_ff"] = m["d_ff"]
+    if m.get("dtype", "auto") == "auto":
+      m["dtype"] = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(m) - known)
+    _require(not unknown, "config.model", f"has unknown fields {unknown}")
+    return cls(**m)
+
+
+def matched_d_ff(ungated_d_ff: int, gated: bool, multiple_of: int = 128) -> int:
+  """MLP width with equal parameters: a gated MLP gets 2/3 of the ungated width, rounded up."""
+  if not gated:
+    return ungated_d_ff
+  return multiple_of * math.ceil(2 * ungated_d_ff / 3 / multiple_of)
+
+
+def _require(ok: bool, field: str, message: str):
+  if not ok:
+    raise ConfigError(f"{field} {message}")
+
+
+def _validate(c: ModelConfig):
+  """Raises ConfigError naming the first invalid field."""
+  activations.get(c.activation)
+  for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+               "d_ff", "max_seq_len"):
+    _require(getattr(c, name) > 0, f"config.model.{name}", f"must be > 0, got {getattr(c, name)}")
+  _require(c.num_heads % c.num_kv_heads == 0, "config.model.num_heads",
+           f"({c.num_heads}) must be divisible by config.model.num_kv_heads ({c.num_kv_heads})")
+  _require(c.activation_order >= 1, "config.model.activation_order",
+           f"must be >= 1, got {c.activation_order}")
+  _require(c.activation_impl in activations.IMPLS, "config.model.activation_impl",
+           f"must be one of {activations.IMPLS}, got {c.activation_impl!r}")
+  _require(c.head_dim % 2 == 0, "config.model.head_dim", f"must be even for RoPE, got {c.head_dim}")
+  for name in ("dtype", "param_dtype"):
+    _require(getattr(c, name) in DTYPES, f"config.model.{name}",
+             f"must be one of {tuple(DTYPES)} (or auto), got {getattr(c, name)!r}")
+  _require(c.remat in REMAT_POLICIES, "config.model.remat",
+           f"must be one of {REMAT_POLICIES}, got {c.remat!r}")
+  _require(c.attention_impl in ATTENTION_IMPLS, "config.model.attention_impl",
+           f"must be one of {ATTENTION_IMPLS}, got {c.attention_impl!r}")
+  _require(c.init_std > 0, "config.model.init_std", f"must be > 0, got {c.init_std}")
+  _require(c.norm_eps > 0, "config.model.norm_eps", f"must be > 0, got {c.norm_eps}")
+  _require(c.num_experts >= 0, "config.model.num_experts", f"must be >= 0, got {c.num_experts}")
+  if c.num_experts:
+    _require(0 < c.num_experts_per_tok <= c.num_experts, "config.model.num_experts_per_tok",
+             f"must be in [1, num_experts={c.num_experts}], got {c.num_experts_per_tok}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Layers
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str | None, ...], std: float,
+           dtype: Any) -> nnx.Param:
+  """A normal(0, std) parameter tagged with logical axis names (sharded later, not eagerly)."""
+  value = std * jax.random.normal(rngs.params(), shape, dtype)
+  return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+  """x / rms(x) * scale, statistics in float32."""
+
+  def __init__(self, dim: int, eps: float, dtype: Any, param_dtype: Any, axis_name: str = "embed"):
+    self.eps, self.dtype = eps, dtype
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(axis_name,),
+                           eager_sharding=False)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding (rotate-half layout) of x [B, T, H, Dh] at positions [B, T]."""
+  half = x.shape[-1] // 2
+  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)        # [Dh/2]
+  angle = positions[..., None].astype(jnp.float32) * freq              # [B, T, Dh/2]
+  sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Causal grouped-query attention with RoPE (and optional QK-norm)."""
+
+  def __init__(self, c: ModelConfig, rngs: nnx.Rngs):
+    self.c = c
+    pd, std = DTYPES[c.param_dtype], c.init_std
+    d, h, k, hd = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
+    self.wq = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), std, pd)
+    self.wk = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), std, pd)
+    self.wv = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), std, pd)
+    self.wo = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), std, pd)
+    if c.qk_norm:
+      self.q_norm = RMSNorm(hd, c.norm_eps, c.compute_dtype, pd, "head_dim")
+      self.k_norm = RMSNorm(hd, c.norm_eps, c.compute_dtype, pd, "head_dim")
+
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
+               cache: dict | None = None, cache_index: jax.Array | None = None):
+    c, dt = self.c, self.c.compute_dtype
+    q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dt))       # [B, T, H, Dh]
+    k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dt))       # [B, T, K, Dh]
+    v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dt))
+    if c.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+    impl = None if c.attention_impl == "auto" else c.attention_impl
+    if cache is None:
+      mask = None
+      if segment_ids is not None and c.document_mask:
+        mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, T, T]
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=impl)
+      new_cache = None
+    else:
+      # Decoding: write this chunk's keys/values at cache_index, attend to everything before.
+      start = (0, cache_index, 0, 0)
+      k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+      v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+      key_pos = jnp.arange(k_all.shape[1])
+      mask = (key_pos[None, None, :] <= positions[:, :, None])[:, None]      # [B, 1, T, S]
+      out = jax.nn.dot_product_attention(q, k_all.astype(dt), v_all.astype(dt), mask=mask)
+      new_cache = {"k": k_all, "v": v_all}
+    return jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dt)), new_cache
+
+
+class MLP(nnx.Module):
+  """W_down(act(W_up x)), or W_down(act(W_gate x) * W_up x) for gated activations."""
+
+  def __init__(self, c: ModelConfig, rngs: nnx.Rngs):
+    self.c = c
+    self.gated = c.gated
+    pd, std = DTYPES[c.param_dtype], c.init_std
+    self.w_up = _param(rngs, (c.d_model, c.d_ff), ("embed", "mlp"), std, pd)
+    if self.gated:
+      self.w_gate = _param(rngs, (c.d_model, c.d_ff), ("embed", "mlp"), std, pd)
+    self.w_down = _param(rngs, (c.d_ff, c.d_model), ("mlp", "embed"), std, pd)
+    self.act = activations.get(c.activation).make(
+        order=c.activation_order, impl=c.activation_impl)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dt = self.c.compute_dtype
+    h = x @ self.w_up[...].astype(dt)                                  # [B, T, F]
+    if self.gated:
+      h = self.act(x @ self.w_gate[...].astype(dt)) * h
+    else:
+      h = self.act(h)
+    return h @ self.w_down[...].astype(dt)
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+  def __init__(self, c: ModelConfig, rngs: nnx.Rngs):
+    pd = DTYPES[c.param_dtype]
+    self.attn_norm = RMSNorm(c.d_model, c.norm_eps, c.compute_dtype, pd)
+    self.attn = Attention(c, rngs)
+    self.mlp_norm = RMSNorm(c.d_model, c.norm_eps, c.compute_dtype, pd)
+    if c.num_experts:
+      from polycom_jax import moe  # the sparse block lives in its own module
+      self.mlp = moe.MoE(c, rngs)
+    else:
+      self.mlp = MLP(c, rngs)
+
+  def __call__(self, x, positions, segment_ids, cache=None, cache_index=None):
+    h, new_cache = self.attn(self.attn_norm(x), positions, segment_ids, cache, cache_index)
+    x = x + h
+    return x + self.mlp(self.mlp_norm(x)), new_cache
+
+
+def _remat_policy(name: str):
+  return {"full": None,
+          "save_matmuls": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}[name]
+
+
+class Transformer(nnx.Module):
+  """The language model: tokens [B, T] -> logits [B, T, vocab] (float32)."""
+
+  def __init__(self, c: ModelConfig, rngs: nnx.Rngs):
+    self.c = c
+    pd = DTYPES[c.param_dtype]
+    self.embed = _param(rngs, (c.vocab_size, c.d_model), ("vocab", "embed"), c.init_std, pd)
+    self.layers = nnx.List([Block(c, rngs) for _ in range(c.num_layers)])
+    self.final_norm = RMSNorm(c.d_model, c.norm_eps, c.compute_dtype, pd)
+    if not c.tie_embeddings:
+      self.lm_head = _param(rngs, (c.d_model, c.vocab_size), ("embed", "vocab"), c.init_std, pd)
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, cache: list[dict] | None = None,
+               cache_index: jax.Array | None = None):
+    """Logits for tokens; with `cache` (from init_cache) also returns the updated cache."""
+    c, dt = self.c, self.c.compute_dtype
+    if positions is None:
+      start = 0 if cache_index is None else cache_index
+      positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1]), tokens.shape)
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)           # [B, T, D]
+    new_cache = []
+    for i, layer in enumerate(self.layers):
+      if cache is None and c.remat != "none":
+        x, _ = nnx.remat(lambda blk, y: blk(y, positions, segment_ids),
+                         policy=_remat_policy(c.remat))(layer, x)
+      else:
+        x, layer_cache = layer(x, positions, segment_ids,
+                               None if cache is None else cache[i], cache_index)
+        new_cache.append(layer_cache)
+    x = self.final_norm(x)
+    head = self.embed[...].T if c.tie_embeddings else self.lm_head[...]
+    logits = (x @ head.astype(dt)).astype(jnp.float32)                 # [B, T, V]
+    return logits if cache is None else (logits, new_cache)
+
+
+def init_cache(c: ModelConfig, batch: int, max_len: int) -> list[dict]:
+  """Zeroed key/value cache for decoding: per layer k, v of [B, max_len, kv_heads, head_dim]."""
+  shape = (batch, max_len, c.num_kv_heads, c.head_dim)
+  return [{"k": jnp.zeros(shape, c.compute_dtype), "v": jnp.zeros(shape, c.compute_dtype)}
+          for _ in range(c.num_layers)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Counting
+
+def num_params(c: ModelConfig) -> int:
+  """Exact parameter count from the config (equals the sum of the parameter arrays' sizes)."""
+  act_params = (c.activation_order + 1) if activations.get(c.activation).has_params else 0
+  attn = c.d_model * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+  attn += 2 * c.head_dim if c.qk_norm else 0
+  per_layer = attn + 2 * c.d_model + _mlp_params(c, act_params)
+  head = 0 if c.tie_embeddings else c.d_model * c.vocab_size
+  return c.vocab_size * c.d_model + c.num_layers * per_layer + c.d_model + head
+
+
+def _mlp_params(c: ModelConfig, act_params: int, active_only: bool = False) -> int:
+  mats = 3 if c.gated else 2
+  if not c.num_experts:
+    return mats * c.d_model * c.d_ff + act_params
+  experts = c.num_experts_per_tok if active_only else c.num_experts
+  act = act_params * (c.num_experts if c.activation_per_expert else 1)
+  return experts * mats * c.d_model * c.moe_d_ff + c.d_model * c.num_experts + act
+
+
+def flops_per_token(c: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token (forward + backward = 3x forward), MaxText's convention.
+
+  Counts the matmuls only (elementwise work, norms and activations are not counted): 6 x the
+  matmul parameters a token passes through (for MoE, the active experts and the router), the
+  output head included and the embedding lookup excluded, plus causal attention
+  (QK^T and AV, halved for the causal mask): 6 * layers * seq_len * heads * head_dim.
+  """
+  attn_proj = c.d_model * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+  mlp = _mlp_params(c, 0, active_only=True)
+  matmul_params = c.num_layers * (attn_proj + mlp) + c.d_model * c.vocab_size
+  attention = 6 * c.num_layers * seq_len * c.num_heads * c.head_dim
+  return 6.0 * matmul_params + attention

@@ -1,0 +1,154 @@
+"""The dense transformer: every activation trains (forward + backward), counts are exact,
+attention is causal, the KV cache reproduces the full forward, bad configs are refused."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import default
+from polycom_jax import activations, model
+from polycom_jax.config_errors import ConfigError
+
+
+def _model_config(**overrides) -> model.ModelConfig:
+  cfg = default.get_config()
+  cfg.model.num_layers = 2
+  cfg.model.update(overrides)
+  return model.ModelConfig.from_config(cfg.model)
+
+
+def _tokens(c, shape=(2, 12), seed=0):
+  return jax.random.randint(jax.random.key(seed), shape, 0, c.vocab_size)
+
+
+@pytest.mark.parametrize("name", list(activations.REGISTRY))
+def test_forward_backward_every_activation(name):
+  """The default config's model runs forward + backward for each activation, finite grads
+  reaching every parameter (the PolyCom coefficients included)."""
+  c = _model_config(activation=name)
+  m = model.Transformer(c, nnx.Rngs(0))
+  tokens = _tokens(c)
+
+  @nnx.jit
+  def loss_and_grads(m, tokens):
+    def loss_fn(m):
+      logits = m(tokens[:, :-1])
+      return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
+    return nnx.value_and_grad(loss_fn)(m)
+
+  loss, grads = loss_and_grads(m, tokens)
+  assert np.isfinite(loss) and abs(loss - np.log(c.vocab_size)) < 0.5
+  flat = nnx.to_flat_state(grads)
+  for path, g in flat:
+    g = np.asarray(g[...])
+    assert np.all(np.isfinite(g)), path
+    assert np.any(g != 0), f"no gradient reaches {path}"
+  names = {"/".join(map(str, p)) for p, _ in flat}
+  if activations.get(name).has_params:
+    assert any(n.endswith("mlp/act/weight") for n in names)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"activation": "polynorm"},
+    {"activation": "swiglu", "tie_embeddings": True},
+    {"activation": "polyrelu", "qk_norm": True, "activation_order": 4},
+    {"activation": "gelu", "num_kv_heads": 4, "head_dim": 16},
+])
+def test_num_params_counts_the_arrays(overrides):
+  c = _model_config(**overrides)
+  m = model.Transformer(c, nnx.Rngs(0))
+  actual = sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
+  assert model.num_params(c) == actual
+
+
+def test_gated_and_ungated_widths_match_parameters():
+  """Default config: 2/3 of the ungated width for gated MLPs gives the same parameter count."""
+  ungated = _model_config(activation="gelu")
+  gated = _model_config(activation="swiglu")
+  assert (ungated.d_ff, gated.d_ff) == (576, 384)
+  assert model.num_params(ungated) == model.num_params(gated)
+  assert model.matched_d_ff(8256, gated=True) == 5504      # the paper's 1B widths
+  assert model.matched_d_ff(1000, gated=True, multiple_of=128) == 768
+  assert _model_config(activation="swiglu", d_ff=200).d_ff == 200
+
+
+def test_every_parameter_has_logical_axis_names():
+  c = _model_config(activation="polynorm", qk_norm=True)
+  m = model.Transformer(c, nnx.Rngs(0))
+  for path, v in nnx.to_flat_state(nnx.state(m, nnx.Param)):
+    names = v.get_metadata().get("out_sharding")
+    if path[-2:] in (("act", "weight"), ("act", "bias")):
+      continue                                   # replicated PolyCom coefficients
+    assert names is not None and len(names) == v[...].ndim, path
+
+
+def test_attention_is_causal():
+  c = _model_config()
+  m = model.Transformer(c, nnx.Rngs(0))
+  tokens = _tokens(c, (1, 10))
+  changed = tokens.at[0, 6].set((tokens[0, 6] + 1) % c.vocab_size)
+  a, b = m(tokens), m(changed)
+  np.testing.assert_array_equal(a[0, :6], b[0, :6])
+  assert not np.allclose(a[0, 6:], b[0, 6:])
+
+
+def test_document_mask_isolates_packed_documents():
+  c = _model_config(document_mask=True)
+  m = model.Transformer(c, nnx.Rngs(0))
+  tokens = _tokens(c, (1, 10))
+  seg = jnp.array([[1] * 4 + [2] * 6])
+  pos = jnp.array([list(range(4)) + list(range(6))])
+  packed = m(tokens, positions=pos, segment_ids=seg)
+  alone = m(tokens[:, 4:])
+  np.testing.assert_allclose(packed[:, 4:], alone, atol=2e-5, rtol=1e-5)
+
+
+def test_kv_cache_decoding_matches_full_forward():
+  """Prefill 5 tokens, then decode one at a time: logits equal the uncached forward."""
+  c = _model_config(activation="polynorm")
+  m = model.Transformer(c, nnx.Rngs(0))
+  tokens = _tokens(c, (2, 9))
+  full = m(tokens)
+  cache = model.init_cache(c, batch=2, max_len=16)
+  logits, cache = m(tokens[:, :5], cache=cache, cache_index=jnp.int32(0))
+  steps = [logits]
+  for t in range(5, 9):
+    logits, cache = m(tokens[:, t:t + 1], cache=cache, cache_index=jnp.int32(t))
+    steps.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=2e-5, rtol=1e-5)
+
+
+def test_remat_gives_the_same_gradients():
+  c, c_remat = _model_config(), _model_config(remat="full")
+  m, m_remat = model.Transformer(c, nnx.Rngs(0)), model.Transformer(c_remat, nnx.Rngs(0))
+  tokens = _tokens(c)
+  grad = lambda mm: nnx.grad(lambda mm: mm(tokens).sum())(mm)
+  for (p, a), (_, b) in zip(nnx.to_flat_state(grad(m)), nnx.to_flat_state(grad(m_remat))):
+    np.testing.assert_allclose(a[...], b[...], rtol=1e-5, atol=1e-6, err_msg=str(p))
+
+
+def test_flops_per_token_by_hand():
+  c = _model_config(activation="gelu", num_layers=2, d_model=64, num_heads=4, num_kv_heads=2,
+                    head_dim=0, d_ff=256, vocab_size=128)
+  attn_proj = 64 * 16 * (2 * 4 + 2 * 2)
+  mlp = 2 * 64 * 256
+  expected = 6 * (2 * (attn_proj + mlp) + 64 * 128) + 6 * 2 * 32 * 4 * 16
+  assert model.flops_per_token(c, seq_len=32) == expected
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"d_model": 130}, "config.model.d_model"),
+    ({"num_kv_heads": 3}, "config.model.num_heads"),
+    ({"activation": "polynom"}, "config.model.activation"),
+    ({"activation_order": 0}, "config.model.activation_order"),
+    ({"num_layers": 0}, "config.model.num_layers"),
+    ({"vocab_size": -1}, "config.model.vocab_size"),
+    ({"dtype": "float8"}, "config.model.dtype"),
+    ({"remat": "some"}, "config.model.remat"),
+    ({"activation_impl": "triton"}, "config.model.activation_impl"),
+])
+def test_invalid_configs_name_the_field(overrides, field):
+  with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+    _model_config(**overrides)
