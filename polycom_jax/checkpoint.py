@@ -1,0 +1,107 @@
+"""Orbax checkpoints of a run: train state, data-iterator state and the config, per step.
+
+Layout: WORKDIR/checkpoints/<step>/{state, data, config}. `state` holds params, optimizer state
+and step (sharded arrays, written collectively by all processes); `data` the grain iterator's
+state (so a resumed run sees exactly the batches an uninterrupted one would); `config` the
+run's config as JSON, used to refuse restoring a checkpoint into a different model.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from polycom_jax.config_errors import ConfigError
+
+# Config fields that must agree between a checkpoint and the run restoring it (the params'
+# shapes and meaning depend on them). Everything else (steps, lr, mesh, ...) may change.
+MODEL_FIELDS_EXEMPT = ("activation_impl", "attention_impl", "remat", "dtype", "scan_layers",
+                       "moe_impl", "moe_capacity_factor")
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+class Checkpointer:
+  """Saves and restores (state, data state, config) by step; keeps the last `keep`."""
+
+  def __init__(self, workdir: str, keep: int = 3, save_interval_steps: int = 1,
+               async_save: bool = True):
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, save_interval_steps=save_interval_steps,
+        enable_async_checkpointing=async_save, create=True)
+    self.directory = checkpoint_dir(workdir)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=("state", "data", "config"))
+
+  def steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, data_state: dict | None, config: dict,
+           force: bool = False) -> bool:
+    """Starts an (async) save; returns whether a save was started at this step."""
+    return self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_state or {}),
+        config=ocp.args.JsonSave(config)), force=force)
+
+  def read_config(self, step: int) -> dict:
+    return self._manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore())).config
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    """State (sharded like abstract_state's ShapeDtypeStructs) and data state at step."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    return restored.state, restored.data
+
+  def wait(self):
+    self._manager.wait_until_finished()
+
+  def close(self):
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def resolve_step(checkpointer: Checkpointer, step: int | None) -> int:
+  """The requested step, or the latest; a clear error when there is none or it does not exist."""
+  steps = checkpointer.steps()
+  if not steps:
+    raise ConfigError(f"no checkpoint found in {checkpointer.directory}: train first "
+                      "(train.py --workdir=...) or point --workdir at a run")
+  if step is None or step < 0:
+    return steps[-1]
+  if step not in steps:
+    raise ConfigError(f"--step={step}: no checkpoint at that step in {checkpointer.directory}; "
+                      f"available steps: {steps}")
+  return step
+
+
+def check_compatible(saved: dict, current: dict):
+  """Raises ConfigError naming every model/data field whose value differs from the checkpoint."""
+  diffs = []
+  for section, exempt in (("model", MODEL_FIELDS_EXEMPT), ("data", None)):
+    fields = (("tokenizer", "tokenizer_path") if section == "data" else
+              sorted(set(saved.get("model", {})) | set(current.get("model", {}))))
+    for name in fields:
+      if exempt and name in exempt:
+        continue
+      a = saved.get(section, {}).get(name)
+      b = current.get(section, {}).get(name)
+      if a != b:
+        diffs.append(f"config.{section}.{name}: checkpoint has {a!r}, this run has {b!r}")
+  if diffs:
+    raise ConfigError("the checkpoint was written by a different model:\n  " + "\n  ".join(diffs)
+                      + "\nuse another --workdir, or the checkpoint's config")
+
+
+def abstract_like(tree: Any) -> Any:
+  """ShapeDtypeStructs (with shardings) of a tree of arrays, as a restore target."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

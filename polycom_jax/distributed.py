@@ -1,0 +1,42 @@
+"""Multi-process start-up: jax.distributed.initialize from flags, env, or the platform."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+from absl import flags
+
+_COORDINATOR = "coordinator_address"
+_NUM_PROCESSES = "num_processes"
+_PROCESS_ID = "process_id"
+
+
+def define_flags():
+  """--coordinator_address / --num_processes / --process_id (also read from env: JAX_...)."""
+  flags.DEFINE_string(_COORDINATOR, None, "host:port of process 0 (multi-process runs).")
+  flags.DEFINE_integer(_NUM_PROCESSES, None, "Total number of processes.")
+  flags.DEFINE_integer(_PROCESS_ID, None, "This process's index.")
+
+
+def _setting(name: str, env: str):
+  value = getattr(flags.FLAGS, name, None)
+  return value if value is not None else os.environ.get(env)
+
+
+def initialize():
+  """Initialises jax.distributed when more than one process is configured.
+
+  Explicit flags (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID) win;
+  otherwise on Cloud TPU pods and under SLURM (more than one task) jax detects everything
+  itself; a single process needs nothing.
+  """
+  coordinator = _setting(_COORDINATOR, "JAX_COORDINATOR_ADDRESS")
+  num = _setting(_NUM_PROCESSES, "JAX_NUM_PROCESSES")
+  pid = _setting(_PROCESS_ID, "JAX_PROCESS_ID")
+  if coordinator or num:
+    jax.distributed.initialize(coordinator_address=coordinator,
+                               num_processes=None if num is None else int(num),
+                               process_id=None if pid is None else int(pid))
+  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or os.environ.get("TPU_WORKER_HOSTNAMES"):
+    jax.distributed.initialize()

@@ -1,0 +1,118 @@
+"""Evaluate a checkpoint: restore onto the current devices, validation metrics, text samples."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from polycom_jax import checkpoint as ckpt_lib
+from polycom_jax import data as data_lib
+from polycom_jax import model as model_lib
+from polycom_jax import train_lib
+
+
+def restore_params(config: ml_collections.ConfigDict, workdir: str, step: int | None = None,
+                   devices=None) -> tuple[train_lib.Setup, Any, int]:
+  """(setup, params, step) for a workdir's checkpoint, resharded onto this run's mesh."""
+  s = train_lib.setup(config, devices)
+  checkpointer = ckpt_lib.Checkpointer(workdir, async_save=False)
+  try:
+    step = ckpt_lib.resolve_step(checkpointer, step)
+    ckpt_lib.check_compatible(checkpointer.read_config(step),
+                              train_lib.config_as_dict(config))
+    state, _ = checkpointer.restore(step, s.abstract_state)
+  finally:
+    checkpointer.close()
+  return s, state["params"], step
+
+
+def unigram_loss(s: train_lib.Setup, num_train_batches: int, eval_max_batches: int) -> float:
+  """Cross-entropy (nats/token) of a unigram model fit on training batches, on the eval batches:
+  the floor a language model must beat to have learned anything beyond token frequencies."""
+  counts = np.full(s.model_config.vocab_size, 0.5)            # add-1/2 smoothing
+  it = data_lib.make_train_iterator(s.config.data, s.tokenizer, batch_size=s.per_process_batch,
+                                    seed=s.config.data.shuffle_seed)
+  for _ in range(num_train_batches):
+    b = next(it)
+    np.add.at(counts, b["targets"][b["loss_mask"] > 0], 1)
+  it.close()
+  logp = np.log(counts / counts.sum())
+  nll, tokens = 0.0, 0.0
+  for b in train_lib.eval_batches(s, eval_max_batches, s.config.eval.batch_size):
+    mask = b["loss_mask"] > 0
+    nll -= logp[b["targets"][mask]].sum()
+    tokens += mask.sum()
+  return nll / max(tokens, 1)
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        step: int | None = None, with_unigram: bool = True) -> dict:
+  """Validation loss, perplexity, bits/byte and tokens; written to eval/metrics_step_<N>.json."""
+  s, params, step = restore_params(config, workdir, step)
+  eval_step = train_lib.make_eval_step(s)
+  e = config.eval
+  result = {"step": step, **train_lib.evaluate(
+      s, eval_step, params, train_lib.eval_batches(s, e.max_batches, e.batch_size))}
+  if with_unigram:
+    result["unigram_loss"] = unigram_loss(s, num_train_batches=50, eval_max_batches=e.max_batches)
+  if jax.process_index() == 0:
+    out_dir = os.path.join(workdir, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"metrics_step_{step}.json")
+    with open(path, "w") as f:
+      json.dump(result, f, indent=2)
+    result["path"] = path
+  return result
+
+
+def generate(s: train_lib.Setup, params, prompt: str, max_new_tokens: int = 64,
+             temperature: float = 0.0, seed: int = 0) -> str:
+  """Continues prompt with the KV cache: greedy at temperature 0, else sampled."""
+  mc = s.model_config
+  ids = s.tokenizer.encode(prompt) or [s.tokenizer.eos_id]
+  total = min(len(ids) + max_new_tokens, mc.max_seq_len)
+  ids = ids[-(total - 1):] if len(ids) >= total else ids
+  @jax.jit
+  def forward(params, tokens, cache, index):
+    return nnx.merge(s.graphdef, params)(tokens, cache=cache, cache_index=index)
+
+  def pick(logits, key):
+    if temperature <= 0:
+      return jnp.argmax(logits, axis=-1)
+    return jax.random.categorical(key, logits / temperature, axis=-1)
+
+  cache = model_lib.init_cache(mc, batch=1, max_len=total)
+  logits, cache = forward(params, jnp.asarray([ids], jnp.int32), cache, jnp.int32(0))
+  key = jax.random.key(seed)
+  out, pos = [], len(ids)
+  while pos < total:
+    key, sub = jax.random.split(key)
+    token = int(pick(logits[0, -1, :s.tokenizer.vocab_size], sub))
+    if token == s.tokenizer.eos_id:
+      break
+    out.append(token)
+    logits, cache = forward(params, jnp.asarray([[token]], jnp.int32), cache, jnp.int32(pos))
+    pos += 1
+  return s.tokenizer.decode(out)
+
+
+def format_summary(result: dict) -> str:
+  lines = [f"step {result['step']}: loss {result['loss']:.4f} nats/token, "
+           f"perplexity {result['perplexity']:.3f}, {result['tokens']:,} tokens"]
+  if "bits_per_byte" in result:
+    lines.append(f"bits per byte {result['bits_per_byte']:.4f}")
+  if "unigram_loss" in result:
+    u = result["unigram_loss"]
+    lines.append(f"unigram baseline loss {u:.4f} nats/token (perplexity {math.exp(u):.2f}): "
+                 f"the model is {u - result['loss']:.3f} nats/token below it")
+  if "path" in result:
+    lines.append(f"written to {result['path']}")
+  return "\n".join(lines)

@@ -1,0 +1,99 @@
+"""Training metrics: JSONL + TensorBoard (tensorboardX, no TensorFlow), progress, MFU."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+
+# Dense bf16 peak FLOP/s per chip, by jax's device_kind (vendor data sheets).
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5": 459e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+}
+
+
+def peak_flops(device_kind: str) -> float | None:
+  """The chip's peak bf16 FLOP/s, or None when unknown (CPU): MFU is then reported as n/a."""
+  if device_kind in PEAK_FLOPS:
+    return PEAK_FLOPS[device_kind]
+  for kind, flops in PEAK_FLOPS.items():
+    if device_kind.startswith(kind):
+      return flops
+  return None
+
+
+def mfu(flops_per_token: float, tokens_per_sec: float, num_devices: int,
+        device_kind: str) -> float | None:
+  peak = peak_flops(device_kind)
+  if peak is None:
+    return None
+  return flops_per_token * tokens_per_sec / (peak * num_devices)
+
+
+class MetricWriter:
+  """Writes one JSON object per logged step to WORKDIR/metrics.jsonl and TensorBoard events
+  to WORKDIR/tensorboard; only process 0 writes."""
+
+  def __init__(self, workdir: str, filename: str = "metrics.jsonl"):
+    self.enabled = jax.process_index() == 0
+    if not self.enabled:
+      return
+    self._jsonl = open(os.path.join(workdir, filename), "a")
+    from tensorboardX import SummaryWriter
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: dict):
+    if not self.enabled:
+      return
+    record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+    for k, v in record.items():
+      if k != "step" and isinstance(v, (int, float)):
+        self._tb.add_scalar(k, v, step)
+
+  def close(self):
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def _plain(v):
+  if hasattr(v, "item"):
+    v = v.item()
+  return v
+
+
+class Progress:
+  """One status line per log with throughput and ETA (a live line on a terminal)."""
+
+  def __init__(self, total_steps: int, start_step: int):
+    self.total, self.start, self.t0 = total_steps, start_step, time.time()
+    self.tty = sys.stdout.isatty()
+
+  def line(self, step: int, metrics: dict) -> str:
+    done = step - self.start
+    elapsed = time.time() - self.t0
+    eta = elapsed / max(done, 1) * (self.total - step)
+    parts = [f"step {step}/{self.total}"]
+    for k in ("loss", "eval_loss", "lr", "grad_norm", "tokens_per_sec", "mfu"):
+      if metrics.get(k) is not None:
+        v = metrics[k]
+        parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+    parts.append(f"eta {eta / 60:.1f} min")
+    return " | ".join(parts)

@@ -1,0 +1,195 @@
+"""Training loop, checkpoints, resume and evaluation on a tiny model (CPU, seconds)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from polycom_jax import checkpoint as ckpt_lib
+from polycom_jax import evaluation, train_lib
+from polycom_jax.config_errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, corpus_glob, data_dir):
+  """Six steps with checkpoints at 3 and 6, and an evaluation at the end."""
+  from conftest import tiny_config
+  config = tiny_config(corpus_glob, data_dir, eval_every=6)
+  workdir = str(tmp_path_factory.mktemp("run"))
+  result = train_lib.train(config, workdir)
+  return config, workdir, result
+
+
+def test_training_reduces_loss(tiny, tmp_path):
+  config = tiny(num_steps=40, log_every=5, checkpoint_every=0, warmup_steps=5)
+  train_lib.train(config, str(tmp_path))
+  losses = _losses(str(tmp_path))
+  assert losses[40] < losses[5] - 1.0, losses
+
+
+def test_run_writes_metrics_and_checkpoints(finished_run):
+  _, workdir, result = finished_run
+  assert sorted(_losses(workdir)) == [1, 2, 3, 4, 5, 6]
+  assert ckpt_lib.Checkpointer(workdir).steps() == [3, 6]
+  assert result["step"] == 6 and np.isfinite(result["eval_loss"])
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    record = json.loads(f.readline())
+  for key in ("step", "loss", "lr", "grad_norm", "tokens_per_sec", "step_time", "mfu"):
+    assert key in record
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+
+
+def test_resume_reproduces_the_uninterrupted_losses(finished_run, tmp_path):
+  """Restart from the step-3 checkpoint: steps 4..6 see the same batches and give the same
+  losses, bit for bit, as the run that never stopped."""
+  config, workdir, _ = finished_run
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(workdir, resumed)
+  shutil.rmtree(os.path.join(resumed, "checkpoints", "6"))
+  os.remove(os.path.join(resumed, "metrics.jsonl"))
+  train_lib.train(config, resumed)
+  expected = _losses(workdir)
+  assert _losses(resumed) == {k: expected[k] for k in (4, 5, 6)}
+
+
+def test_eval_of_restored_checkpoint_equals_eval_at_end_of_training(finished_run):
+  config, workdir, result = finished_run
+  out = evaluation.evaluate_checkpoint(config, workdir, with_unigram=False)
+  assert out["step"] == 6
+  np.testing.assert_allclose(out["loss"], result["eval_loss"], rtol=1e-6)
+  with open(os.path.join(workdir, "eval", "metrics_step_6.json")) as f:
+    written = json.load(f)
+  for key in ("step", "loss", "perplexity", "bits_per_byte", "tokens"):
+    assert key in written
+  assert written["tokens"] > 0 and written["perplexity"] == pytest.approx(np.exp(out["loss"]))
+
+
+def test_checkpoint_roundtrip_is_bit_identical(tiny, tmp_path):
+  s = train_lib.setup(tiny())
+  state = train_lib.init_state(s)
+  step = train_lib.make_train_step(s)
+  it = train_lib.data_lib.make_train_iterator(s.config.data, s.tokenizer, batch_size=8, seed=0)
+  with jax.set_mesh(s.mesh):
+    for _ in range(2):
+      state, _ = step(state, train_lib.global_batch(s, next(it)))
+  saved = jax.device_get(state)
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path))
+  checkpointer.save(2, state, it.get_state(), {"model": {}})
+  checkpointer.wait()
+  restored, data_state = checkpointer.restore(2, s.abstract_state)
+  checkpointer.close()
+  assert data_state == json.loads(json.dumps(it.get_state()))
+  flat_a, tree_a = jax.tree.flatten(saved)
+  flat_b, tree_b = jax.tree.flatten(jax.device_get(restored))
+  assert tree_a == tree_b
+  for a, b in zip(flat_a, flat_b):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def setup_and_batch(corpus_glob, data_dir):
+  from conftest import tiny_config
+  s = train_lib.setup(tiny_config(corpus_glob, data_dir))
+  it = train_lib.data_lib.make_train_iterator(s.config.data, s.tokenizer, batch_size=8, seed=0)
+  return s, next(it)
+
+
+def test_gradient_accumulation_equals_the_full_batch(setup_and_batch, tiny):
+  s, batch = setup_and_batch
+  s_accum = train_lib.setup(tiny(micro_batch_size=2))
+  with jax.set_mesh(s.mesh):
+    full, m_full = train_lib.make_train_step(s)(train_lib.init_state(s),
+                                                train_lib.global_batch(s, batch))
+    acc, m_acc = train_lib.make_train_step(s_accum)(train_lib.init_state(s_accum),
+                                                    train_lib.global_batch(s, batch))
+  np.testing.assert_allclose(m_full["loss"], m_acc["loss"], rtol=1e-6)
+  np.testing.assert_allclose(m_full["grad_norm"], m_acc["grad_norm"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(full["params"]), jax.tree.leaves(acc["params"])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_nonfinite_batch_leaves_state_untouched(setup_and_batch):
+  s, batch = setup_and_batch
+  poisoned = dict(batch, loss_mask=np.where(np.arange(batch["loss_mask"].size).reshape(
+      batch["loss_mask"].shape) == 5, np.nan, batch["loss_mask"]).astype(np.float32))
+  with jax.set_mesh(s.mesh):
+    state = train_lib.init_state(s)
+    before = jax.device_get(state)
+    after, metrics = train_lib.make_train_step(s)(state, train_lib.global_batch(s, poisoned))
+  assert bool(metrics["nonfinite"])
+  after = jax.device_get(after)
+  assert int(after["step"]) == 1
+  for a, b in zip(jax.tree.leaves(before["params"]) + jax.tree.leaves(before["opt_state"]),
+                  jax.tree.leaves(after["params"]) + jax.tree.leaves(after["opt_state"])):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_checkpoint_from_another_model_is_refused(finished_run):
+  config, workdir, _ = finished_run
+  other = config.copy_and_resolve_references()
+  other.model.activation = "swiglu"
+  with pytest.raises(ConfigError, match=r"config\.model\.activation: checkpoint has 'polynorm'"):
+    train_lib.train(other, workdir)
+  with pytest.raises(ConfigError, match=r"config\.model\.activation"):
+    evaluation.evaluate_checkpoint(other, workdir)
+
+
+def test_eval_errors_name_the_problem(finished_run, tmp_path):
+  config, workdir, _ = finished_run
+  with pytest.raises(ConfigError, match="no checkpoint found"):
+    evaluation.evaluate_checkpoint(config, str(tmp_path))
+  with pytest.raises(ConfigError, match=r"--step=4.*available steps: \[3, 6\]"):
+    evaluation.evaluate_checkpoint(config, workdir, step=4)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("model.vocab_size", 128, r"config\.model\.vocab_size \(128\) is smaller than the tokenizer"),
+    ("data.seq_len", 100, r"config\.data\.seq_len \(100\) is longer than config\.model\.max_seq_len"),
+    ("train.micro_batch_size", 3, r"config\.train\.micro_batch_size \(3\) must divide"),
+    ("train.nonfinite_policy", "ignore", r"config\.train\.nonfinite_policy"),
+    ("mesh.tensor", 2, r"config\.mesh: .*tensor=2.* does not divide the 1 devices found"),
+])
+def test_bad_config_fails_before_compiling(tiny, field, value, message):
+  config = tiny()
+  section, name = field.split(".")
+  config[section][name] = value
+  with pytest.raises(ConfigError, match=message):
+    train_lib.setup(config)
+
+
+def test_unwritable_workdir_is_refused(tiny, tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("x")
+  with pytest.raises(ConfigError, match="not writable"):
+    train_lib.train(tiny(), str(blocker / "run"))
+
+
+def test_generate_continues_a_prompt(finished_run):
+  config, workdir, _ = finished_run
+  s, params, _ = evaluation.restore_params(config, workdir)
+  text = evaluation.generate(s, params, "def ", max_new_tokens=8)
+  greedy_again = evaluation.generate(s, params, "def ", max_new_tokens=8)
+  assert isinstance(text, str) and text == greedy_again
+  assert len(text.encode("utf-8", errors="replace")) <= 8 * 4
+
+
+def test_train_cli_reports_config_errors_cleanly(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "train.py", "--config=configs/default.py", f"--workdir={tmp_path}",
+       "--config.model.activation=polynom"], cwd=ROOT, capture_output=True, text=True,
+      timeout=120)
+  assert proc.returncode == 2
+  assert "unknown activation 'polynom'" in proc.stderr and "Traceback" not in proc.stderr
