@@ -1,0 +1,35 @@
+"""The paper's 1B dense model (Llama-2 architecture, Megatron), as in the authors' scripts.
+
+24 layers, d_model 2048, 16 heads (no GQA), RMSNorm, RoPE, untied embeddings, no biases;
+ungated MLP width 8256 (SwiGLU 5504: equal parameters); seq 4096, global batch 64 sequences
+(262,144 tokens); AdamW (0.9, 0.95), weight decay 0.1, clip 1.0, init std 0.013975, lr 3e-4
+cosine to 3e-5 with 620M warmup tokens, 100B training tokens (the scripts' default; the released
+models saw 250B: --config.train.num_steps=953675). Data: RedPajama with the Llama tokenizer in
+the paper; here any TFDS text dataset prepared in data_dir (c4 by default) and a SentencePiece
+model given by --config.data.tokenizer_path.
+
+Mesh: FSDP over all devices (8 GPUs, or a v5p-32 slice's 16 chips) with full rematerialisation.
+"""
+
+from configs import default
+
+TOKENS_PER_STEP = 64 * 4096
+
+
+def get_config():
+  c = default.get_config()
+  c.model.update(
+      vocab_size=32000, d_model=2048, num_layers=24, num_heads=16, num_kv_heads=16,
+      ungated_d_ff=8256, d_ff_multiple_of=128, max_seq_len=4096, rope_theta=10000.0,
+      norm_eps=1e-5, init_std=0.013975, tie_embeddings=False, remat="full", dtype="auto")
+  c.data.update(seq_len=4096, tfds_name="c4", data_dir="", text_feature="text",
+                train_split="train", eval_split="validation", tokenizer="sentencepiece",
+                tokenizer_path="", num_workers=4)
+  c.train.update(
+      num_steps=100_000_000_000 // TOKENS_PER_STEP, global_batch_size=64, micro_batch_size=0,
+      learning_rate=3e-4, min_learning_rate=3e-5, warmup_steps=620_000_000 // TOKENS_PER_STEP,
+      b1=0.9, b2=0.95, adam_eps=1e-8, weight_decay=0.1, grad_clip=1.0, log_every=10,
+      eval_every=1000, eval_batches=50, checkpoint_every=1000, keep_checkpoints=3)
+  c.eval.update(batch_size=64, max_batches=200)
+  c.mesh.update(data=1, fsdp=-1, tensor=1, expert=1)
+  return c
