@@ -13,6 +13,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from polycom_jax import distributed, evaluation
+from polycom_jax.checkpoint import CheckpointError
 from polycom_jax.config_errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.",
@@ -41,6 +42,9 @@ def main(argv):
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except CheckpointError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

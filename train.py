@@ -12,6 +12,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from polycom_jax import distributed, train_lib
+from polycom_jax.checkpoint import CheckpointError
 from polycom_jax.config_errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.",
@@ -30,6 +31,9 @@ def main(argv):
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except (CheckpointError, train_lib.NonFiniteError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

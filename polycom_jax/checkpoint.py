@@ -9,7 +9,8 @@ run's config as JSON, used to refuse restoring a checkpoint into a different mod
 from __future__ import annotations
 
 import os
-from typing import Any
+import re
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -22,8 +23,27 @@ MODEL_FIELDS_EXEMPT = ("activation_impl", "attention_impl", "remat", "dtype", "s
                        "moe_impl", "moe_capacity_factor")
 
 
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be written or read; the message names the path."""
+
+
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def incomplete_checkpoints(directory: str) -> list[str]:
+  """Step folders a killed save left behind: Orbax's tmp folders, or steps never committed."""
+  if not os.path.isdir(directory):
+    return []
+  found = []
+  for name in sorted(os.listdir(directory)):
+    path = os.path.join(directory, name)
+    if ".orbax-checkpoint-tmp" in name:
+      found.append(path)
+    elif re.fullmatch(r"\d+", name) and not os.path.exists(os.path.join(path,
+                                                                       "commit_success.txt")):
+      found.append(path)
+  return found
 
 
 class Checkpointer:
@@ -35,6 +55,7 @@ class Checkpointer:
         max_to_keep=keep, save_interval_steps=save_interval_steps,
         enable_async_checkpointing=async_save, create=True)
     self.directory = checkpoint_dir(workdir)
+    self.incomplete = incomplete_checkpoints(self.directory)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "data", "config"))
 
@@ -46,11 +67,24 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_state: dict | None, config: dict,
            force: bool = False) -> bool:
-    """Starts an (async) save; returns whether a save was started at this step."""
-    return self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_state or {}),
-        config=ocp.args.JsonSave(config)), force=force)
+    """Starts an (async) save; returns whether a save was started at this step.
+
+    A failure (disk full, permissions), here or surfacing from the previous async save, is a
+    CheckpointError; the earlier, committed checkpoints are left as they are.
+    """
+    try:
+      return self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=ocp.args.JsonSave(data_state or {}),
+          config=ocp.args.JsonSave(config)), force=force)
+    except Exception as e:  # Orbax and tensorstore raise many types for I/O failures
+      raise self._save_error(step, e) from e
+
+  def _save_error(self, step: int, e: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"saving the checkpoint of step {step} in {self.directory} failed: "
+        f"{type(e).__name__}: {e}. Is the disk full or the directory not writable? "
+        f"Committed checkpoints are untouched: steps {self.steps()}.")
 
   def read_config(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(
@@ -62,12 +96,46 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     return restored.state, restored.data
 
+  def restore_latest_good(self, abstract_state: Any, current_config: dict | None = None,
+                          warn: Callable[[str], None] = print) -> tuple[int, Any, dict]:
+    """(step, state, data state) of the newest checkpoint that reads back; unreadable (corrupt,
+    truncated) ones are reported with their path and skipped. The config check runs on the
+    newest readable config, so a checkpoint of another model is refused, not skipped."""
+    for path in self.incomplete:
+      warn(f"warning: ignoring incomplete checkpoint {path} (a save was interrupted)")
+    for step in reversed(self.steps()):
+      path = os.path.join(self.directory, str(step))
+      try:
+        saved_config = self.read_config(step)
+      except Exception as e:
+        warn(f"warning: checkpoint {path} is unreadable ({type(e).__name__}: {_short(e)}); "
+             "trying the previous one")
+        continue
+      if current_config is not None:
+        check_compatible(saved_config, current_config)
+      try:
+        state, data_state = self.restore(step, abstract_state)
+        return step, state, data_state
+      except Exception as e:
+        warn(f"warning: checkpoint {path} is corrupt ({type(e).__name__}: {_short(e)}); "
+             "trying the previous one")
+    raise CheckpointError(f"no readable checkpoint in {self.directory} (steps {self.steps()} "
+                          "all failed to restore, see the warnings above)")
+
   def wait(self):
-    self._manager.wait_until_finished()
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:
+      raise self._save_error(self.latest_step() or -1, e) from e
 
   def close(self):
-    self._manager.wait_until_finished()
+    self.wait()
     self._manager.close()
+
+
+def _short(e: Exception, limit: int = 200) -> str:
+  text = str(e).splitlines()[0] if str(e) else ""
+  return text[:limit]
 
 
 def resolve_step(checkpointer: Checkpointer, step: int | None) -> int:

@@ -24,11 +24,21 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, step: int | 
   """(setup, params, step) for a workdir's checkpoint, resharded onto this run's mesh."""
   s = train_lib.setup(config, devices)
   checkpointer = ckpt_lib.Checkpointer(workdir, async_save=False)
+  current = train_lib.config_as_dict(config)
   try:
-    step = ckpt_lib.resolve_step(checkpointer, step)
-    ckpt_lib.check_compatible(checkpointer.read_config(step),
-                              train_lib.config_as_dict(config))
-    state, _ = checkpointer.restore(step, s.abstract_state)
+    if step is None:
+      ckpt_lib.resolve_step(checkpointer, None)           # a clear error when there is none
+      step, state, _ = checkpointer.restore_latest_good(s.abstract_state, current,
+                                                         warn=train_lib.log)
+    else:
+      step = ckpt_lib.resolve_step(checkpointer, step)
+      ckpt_lib.check_compatible(checkpointer.read_config(step), current)
+      try:
+        state, _ = checkpointer.restore(step, s.abstract_state)
+      except Exception as e:
+        raise ckpt_lib.CheckpointError(
+            f"checkpoint {os.path.join(checkpointer.directory, str(step))} is corrupt: "
+            f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
   finally:
     checkpointer.close()
   return s, state["params"], step

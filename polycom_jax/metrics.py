@@ -49,11 +49,13 @@ class MetricWriter:
   """Writes one JSON object per logged step to WORKDIR/metrics.jsonl and TensorBoard events
   to WORKDIR/tensorboard; only process 0 writes."""
 
-  def __init__(self, workdir: str, filename: str = "metrics.jsonl"):
+  def __init__(self, workdir: str, filename: str = "metrics.jsonl", resume_step: int = 0):
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
-    self._jsonl = open(os.path.join(workdir, filename), "a")
+    path = os.path.join(workdir, filename)
+    _drop_records_after(path, resume_step)
+    self._jsonl = open(path, "a")
     from tensorboardX import SummaryWriter
     self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
@@ -71,6 +73,29 @@ class MetricWriter:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+
+
+def _drop_records_after(path: str, step: int):
+  """A run resumed at `step` logs steps after it again: drop the stale records of the run that
+  was interrupted, so every step appears once."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  keep = [line for line in lines if _record_step(line) <= step]
+  if len(keep) != len(lines):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(keep)
+    os.replace(tmp, path)
+
+
+def _record_step(line: str) -> float:
+  """The step of a JSONL record; a line cut short by a kill counts as after every step."""
+  try:
+    return json.loads(line)["step"]
+  except (ValueError, KeyError, TypeError):
+    return float("inf")
 
 
 def _plain(v):

@@ -282,7 +282,10 @@ class _StopRequest:
     return self
 
   def _handle(self, signum, frame):
+    log(f"received signal {signum}: finishing this step and writing a checkpoint "
+        "(send it again to abort without one)")
     self.signum = signum
+    signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -306,20 +309,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       config.data, s.tokenizer, batch_size=s.per_process_batch, seed=config.data.shuffle_seed,
       process_index=jax.process_index(), process_count=jax.process_count())
 
-  start = checkpointer.latest_step()
-  if start is None:
-    state = init_state(s)
-    start = 0
-    log(f"initialised {model_lib.num_params(s.model_config):,} parameters "
-        f"({s.model_config.activation}, mesh {dict(s.mesh.shape)})")
-  else:
-    ckpt_lib.check_compatible(checkpointer.read_config(start), config_dict)
-    state, data_state = checkpointer.restore(start, s.abstract_state)
+  if checkpointer.steps():
+    start, state, data_state = checkpointer.restore_latest_good(s.abstract_state, config_dict,
+                                                                warn=log)
     train_iter.set_state(data_state)
     log(f"resumed from step {start} in {checkpointer.directory}")
+  else:
+    state, start = init_state(s), 0
+    log(f"initialised {model_lib.num_params(s.model_config):,} parameters "
+        f"({s.model_config.activation}, mesh {dict(s.mesh.shape)})")
 
   train_step, eval_step = make_train_step(s), make_eval_step(s)
-  writer = metrics_lib.MetricWriter(workdir)
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start)
   progress = metrics_lib.Progress(t.num_steps, start)
   flops_per_token = model_lib.flops_per_token(s.model_config, config.data.seq_len)
   device_kind = jax.devices()[0].device_kind

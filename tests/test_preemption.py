@@ -1,0 +1,171 @@
+"""Runs that are signalled, killed or fed bad data: real train.py processes on the tiny config.
+
+Every comparison is exact: a resumed run must log, for every step after the checkpoint it
+resumed from, the same loss as a run that was never interrupted.
+"""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from polycom_jax import checkpoint as ckpt_lib
+from polycom_jax import train_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 40
+
+
+def _command(workdir, corpus_glob, data_dir, *extra):
+  return [sys.executable, "train.py", "--config=configs/tiny.py", f"--workdir={workdir}",
+          f"--config.data.text_glob={corpus_glob}", f"--config.data.data_dir={data_dir}",
+          f"--config.train.num_steps={STEPS}", "--config.train.checkpoint_every=5",
+          "--config.train.keep_checkpoints=20", *extra]
+
+
+def _run(cmd, timeout=240):
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+  return proc
+
+
+def _losses(workdir) -> dict[int, float]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  steps = [r["step"] for r in records]
+  assert len(steps) == len(set(steps)), f"steps logged twice: {steps}"
+  return {r["step"]: r["loss"] for r in records}
+
+
+def _wait_for(predicate, proc, timeout=180):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if predicate():
+      return
+    if proc.poll() is not None:
+      raise AssertionError(f"train.py exited early:\n{proc.stderr.read()}")
+    time.sleep(0.02)
+  proc.kill()
+  raise AssertionError("timed out")
+
+
+def _logged_step(workdir) -> int:
+  try:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      return max((json.loads(line)["step"] for line in f if line.endswith("\n")), default=0)
+  except FileNotFoundError:
+    return 0
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, corpus_glob, data_dir):
+  workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+  proc = _run(_command(workdir, corpus_glob, data_dir))
+  assert proc.returncode == 0, proc.stderr
+  return workdir, _losses(workdir)
+
+
+def test_sigterm_checkpoints_exits_zero_and_resume_is_exact(uninterrupted, tmp_path,
+                                                             corpus_glob, data_dir):
+  workdir = str(tmp_path)
+  cmd = _command(workdir, corpus_glob, data_dir)
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  _wait_for(lambda: _logged_step(workdir) >= 7, proc)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err
+  assert "checkpoint at step" in out and "run the same command to resume" in out
+  stopped = ckpt_lib.Checkpointer(workdir).latest_step()
+  assert 7 <= stopped < STEPS
+  assert max(_losses(workdir)) == stopped
+  proc = _run(cmd)
+  assert proc.returncode == 0, proc.stderr
+  assert f"resumed from step {stopped}" in proc.stdout
+  assert _losses(workdir) == uninterrupted[1]
+
+
+def test_sigkill_after_a_checkpoint_resumes_exactly(uninterrupted, tmp_path, corpus_glob,
+                                                    data_dir):
+  """Killed at an arbitrary moment after step 10's checkpoint is committed: the restart
+  continues from the newest complete checkpoint and reproduces every later loss."""
+  workdir = str(tmp_path)
+  cmd = _command(workdir, corpus_glob, data_dir)
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  committed = os.path.join(workdir, "checkpoints", "10", "commit_success.txt")
+  _wait_for(lambda: os.path.exists(committed), proc)
+  proc.kill()
+  proc.wait()
+  assert _logged_step(workdir) < STEPS
+  proc = _run(cmd)
+  assert proc.returncode == 0, proc.stderr
+  assert _losses(workdir) == uninterrupted[1]
+
+
+def _corrupt_latest(workdir) -> int:
+  latest = ckpt_lib.Checkpointer(workdir).latest_step()
+  files = glob.glob(os.path.join(workdir, "checkpoints", str(latest), "state", "ocdbt*", "d", "*"))
+  biggest = max(files, key=os.path.getsize)
+  with open(biggest, "r+b") as f:
+    f.truncate(os.path.getsize(biggest) // 2)
+  return latest
+
+
+def test_interrupted_and_corrupt_checkpoints_fall_back_to_the_previous_good_one(
+    uninterrupted, tmp_path, corpus_glob, data_dir):
+  """The finished run's last checkpoint (step 40) truncated by hand, and an uncommitted step
+  folder as a kill during an async save leaves it: both are reported, step 35 is used."""
+  done, losses = uninterrupted
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(done, workdir)
+  corrupt = _corrupt_latest(workdir)
+  assert corrupt == STEPS
+  os.makedirs(os.path.join(workdir, "checkpoints", "45.orbax-checkpoint-tmp-1234", "state"))
+  proc = _run(_command(workdir, corpus_glob, data_dir))
+  assert proc.returncode == 0, proc.stderr
+  assert "ignoring incomplete checkpoint" in proc.stdout and "tmp-1234" in proc.stdout
+  assert f"checkpoints/{corrupt} is corrupt" in proc.stdout
+  assert f"resumed from step {STEPS - 5}" in proc.stdout
+  assert _losses(workdir) == losses
+
+
+def test_nonfinite_losses_stop_the_run_with_a_report(tmp_path, corpus_glob, data_dir):
+  """A learning rate of 1e12 blows the weights up after one update; every later step is
+  non-finite and skipped, and the run stops after max_consecutive_nonfinite of them."""
+  cmd = _command(str(tmp_path), corpus_glob, data_dir, "--config.train.learning_rate=1e12",
+                 "--config.train.warmup_steps=0", "--config.train.min_learning_rate=0",
+                 "--config.train.max_consecutive_nonfinite=3")
+  proc = _run(cmd)
+  assert proc.returncode == 1
+  assert "non-finite loss/gradient at step" in proc.stderr and "3 in a row" in proc.stderr
+  assert "update skipped" in proc.stdout
+
+
+def test_a_failing_save_stops_the_run_and_keeps_earlier_checkpoints(tiny, tmp_path,
+                                                                     monkeypatch):
+  """Disk full during a save: a CheckpointError naming the directory; committed steps intact."""
+  workdir = str(tmp_path)
+  train_lib.train(tiny(num_steps=3, checkpoint_every=3), workdir)
+  original = ckpt_lib.ocp.CheckpointManager.save
+
+  def disk_full(self, step, *args, **kwargs):
+    if step > 3:
+      raise OSError(28, "No space left on device")
+    return original(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ckpt_lib.ocp.CheckpointManager, "save", disk_full)
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"step 6 in .*checkpoints failed.*"
+                     r"No space left on device.*steps \[3\]"):
+    train_lib.train(tiny(num_steps=9, checkpoint_every=3), workdir)
+  monkeypatch.undo()
+  checkpointer = ckpt_lib.Checkpointer(workdir)
+  assert checkpointer.steps() == [3]
+  s = train_lib.setup(tiny())
+  step, _, _ = checkpointer.restore_latest_good(s.abstract_state)
+  assert step == 3
