@@ -1,0 +1,350 @@
+"""Hugging Face / PyTorch interop: Orbax -> Hugging Face -> Orbax is bit-exact, transformers'
+Llama (with the PolyCom MLP written here in PyTorch from the formula) gives the JAX logits, and
+directories that do not fit the config are refused with the first mismatching tensor named."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file
+
+from polycom_jax import checkpoint as ckpt_lib
+from polycom_jax import evaluation, interop, model as model_lib, train_lib
+from polycom_jax.config_errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ACTIVATIONS = ("swiglu", "polynorm", "polyrelu")
+
+
+def _config(corpus_glob, data_dir, activation):
+  """The tiny config with non-default rope theta and norm eps, so a dropped field shows."""
+  from conftest import tiny_config
+  c = tiny_config(corpus_glob, data_dir)
+  c.model.update(activation=activation, rope_theta=500.0, norm_eps=1e-5)
+  return c
+
+
+def _random_like(abstract, seed: int = 0):
+  """Random arrays shaped like the abstract params, so that a swapped or misordered tensor
+  changes the logits: vectors (norm scales, PolyCom weight and bias) around 1, matrices of
+  std 0.2. Built on the host, nothing compiled."""
+  rng = np.random.RandomState(seed)
+  return jax.tree.map(
+      lambda a: jnp.asarray((a.ndim == 1) + rng.normal(0.0, 0.2, a.shape), a.dtype), abstract)
+
+
+def _random_state(s: train_lib.Setup) -> dict:
+  """A train state at step 5 with random params."""
+  params = _random_like(s.abstract_state["params"])
+  return {"step": jnp.int32(5), "params": params, "opt_state": s.tx.init(params)}
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory, corpus_glob, data_dir):
+  """activation -> (config, setup, params, workdir, hf_dir): a step-5 checkpoint of a random tiny
+  model and its Hugging Face export, made once per activation."""
+  cache = {}
+
+  def make(activation: str):
+    if activation not in cache:
+      config = _config(corpus_glob, data_dir, activation)
+      s = train_lib.setup(config)
+      state = _random_state(s)
+      workdir = str(tmp_path_factory.mktemp(f"run_{activation}"))
+      checkpointer = ckpt_lib.Checkpointer(workdir, async_save=False)
+      checkpointer.save(5, state, {}, train_lib.config_as_dict(config), force=True)
+      checkpointer.close()
+      hf_dir = str(tmp_path_factory.mktemp(f"hf_{activation}"))
+      assert interop.export_checkpoint(config, workdir, hf_dir) == 5
+      cache[activation] = config, s, jax.device_get(state["params"]), workdir, hf_dir
+    return cache[activation]
+
+  return make
+
+
+@pytest.fixture(params=ACTIVATIONS)
+def exported(request, export):
+  return export(request.param)
+
+
+def test_export_writes_the_llama_layout(exported):
+  config, s, _, _, hf_dir = exported
+  mc = s.model_config
+  tensors = load_file(os.path.join(hf_dir, "model.safetensors"))
+  with open(os.path.join(hf_dir, "config.json")) as f:
+    hf = json.load(f)
+  layer = "model.layers.1."
+  assert tensors[layer + "self_attn.q_proj.weight"].shape == (4 * 16, 64)     # [H*Dh, D]
+  assert tensors[layer + "self_attn.k_proj.weight"].shape == (2 * 16, 64)     # [K*Dh, D]
+  assert tensors[layer + "mlp.down_proj.weight"].shape == (64, mc.d_ff)       # [D, F]
+  assert (layer + "mlp.gate_proj.weight" in tensors) == (mc.activation == "swiglu")
+  assert (layer + "mlp.act_fn.weight" in tensors) == (mc.activation != "swiglu")
+  assert len(tensors) == 3 + 2 * (9 if mc.activation == "swiglu" else 10)
+  assert hf["architectures"] == ["LlamaForCausalLM"] and hf["model_type"] == "llama"
+  assert hf["hidden_act"] == {"swiglu": "silu"}.get(mc.activation, mc.activation)
+  assert (hf["rms_norm_eps"], hf["rope_theta"], hf["torch_dtype"]) == (1e-5, 500.0, "float32")
+  assert (hf["num_key_value_heads"], hf["head_dim"], hf["intermediate_size"]) == (2, 16, mc.d_ff)
+  assert hf["polycom_activation"] == mc.activation and hf["mlp_gated"] == mc.gated
+  assert hf["polycom_jax"] == {"model": config.model.to_dict(), "step": 5}
+  assert hf["eos_token_id"] == s.tokenizer.eos_id
+
+
+def test_round_trip_is_bit_exact(exported, tmp_path):
+  config, _, params, _, hf_dir = exported
+  path = interop.import_checkpoint(config, hf_dir, str(tmp_path))
+  assert path == os.path.join(str(tmp_path), "checkpoints", "0")
+  _, restored, step = evaluation.restore_params(config, str(tmp_path))
+  assert step == 0
+  flat_a, tree_a = jax.tree.flatten(params)
+  flat_b, tree_b = jax.tree.flatten(jax.device_get(restored))
+  assert tree_a == tree_b
+  for a, b in zip(flat_a, flat_b):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(a, b)
+
+
+def test_import_writes_a_fresh_state_that_training_resumes_from(export, tmp_path):
+  """Step 0, a fresh optimizer state (zero moments and counts) and a fresh train iterator's data
+  position, restored into the run's abstract state."""
+  config, s, _, _, hf_dir = export("polynorm")
+  interop.import_checkpoint(config, hf_dir, str(tmp_path))
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path))
+  state, data_state = checkpointer.restore(0, s.abstract_state)
+  checkpointer.close()
+  assert int(state["step"]) == 0
+  assert all(not np.any(x) for x in jax.tree.leaves(state["opt_state"]))
+  it = train_lib.data_lib.make_train_iterator(config.data, s.tokenizer, batch_size=8, seed=0)
+  first = next(it)
+  it.set_state(data_state)
+  np.testing.assert_array_equal(next(it)["inputs"], first["inputs"])
+
+
+# ------------------------------------------------------------------------------------------------
+# PyTorch: transformers' Llama on the exported directory gives the JAX model's logits
+
+@pytest.fixture(scope="module")
+def torch_llama():
+  """torch and transformers' Llama module (test-only dependencies, in requirements-dev.txt)."""
+  torch = pytest.importorskip("torch")
+  modeling_llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+  return torch, modeling_llama
+
+
+def _polycom_mlp_class(torch):
+  """A Llama MLP with the PolyCom activation, from shared/DESIGN.md's formula, in float32."""
+
+  class PolyComMLP(torch.nn.Module):
+    """down_proj(act_fn(up_proj(x))); act_fn holds the PolyCom weight [r] and bias [1]."""
+
+    def __init__(self, config):
+      super().__init__()
+      d, f, r = config.hidden_size, config.intermediate_size, config.polycom_order
+      self.kind, self.eps = config.polycom_activation, getattr(config, "polycom_eps", None)
+      self.up_proj = torch.nn.Linear(d, f, bias=False)
+      self.down_proj = torch.nn.Linear(f, d, bias=False)
+      self.act_fn = torch.nn.Module()
+      self.act_fn.weight = torch.nn.Parameter(torch.full((r,), 1.0 / r))
+      self.act_fn.bias = torch.nn.Parameter(torch.zeros(1))
+
+    def polycom(self, x):
+      """sum_{i=1..r} w[r-i] * N(x**i) + b (PolyNorm) or w[r-i] * relu(x)**i + b (PolyReLU)."""
+      w, r = self.act_fn.weight, self.act_fn.weight.shape[0]
+      if self.kind == "polynorm":
+        term = lambda i: x**i / torch.sqrt(torch.mean(x**(2 * i), -1, keepdim=True) + self.eps)
+      else:
+        term = lambda i: torch.relu(x)**i
+      return sum(w[r - i] * term(i) for i in range(1, r + 1)) + self.act_fn.bias
+
+    def forward(self, x):
+      return self.down_proj(self.polycom(self.up_proj(x)))
+
+  return PolyComMLP
+
+
+def _torch_logits(torch_llama, hf_dir, tokens, monkeypatch) -> np.ndarray:
+  """Logits of transformers' LlamaForCausalLM loaded from hf_dir (every tensor used once)."""
+  torch, modeling_llama = torch_llama
+  with open(os.path.join(hf_dir, "config.json")) as f:
+    gated = json.load(f)["mlp_gated"]
+  if not gated:
+    monkeypatch.setattr(modeling_llama, "LlamaMLP", _polycom_mlp_class(torch))
+  model, info = modeling_llama.LlamaForCausalLM.from_pretrained(
+      hf_dir, output_loading_info=True, attn_implementation="eager", dtype=torch.float32)
+  assert not any(info.values()), info          # no missing, unexpected or mismatched tensor
+  with torch.no_grad():
+    return model(torch.as_tensor(tokens)).logits.numpy()
+
+
+def test_transformers_llama_gives_the_jax_logits(exported, torch_llama, monkeypatch):
+  config, s, params, _, hf_dir = exported
+  tokens = np.random.RandomState(0).randint(0, s.tokenizer.vocab_size, (2, 24))
+  want = np.asarray(nnx.merge(s.graphdef, params)(jnp.asarray(tokens)))    # [B, T, V]
+  got = _torch_logits(torch_llama, hf_dir, tokens, monkeypatch)
+  assert np.abs(want).max() > 1.0                # the logits are not trivially small
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Directories that do not fit the config
+
+def _edited_copy(hf_dir, dest, edit_tensors=None, edit_config=None) -> str:
+  shutil.copytree(hf_dir, dest)
+  tensors = load_file(os.path.join(dest, "model.safetensors"))
+  with open(os.path.join(dest, "config.json")) as f:
+    hf = json.load(f)
+  if edit_tensors:
+    edit_tensors(tensors)
+  if edit_config:
+    edit_config(hf)
+  interop.write_hf_dir(dest, tensors, hf)
+  return str(dest)
+
+
+def _rename(tensors, old, new):
+  tensors[new] = tensors.pop(old)
+
+
+@pytest.mark.parametrize("edit_tensors, edit_config, message", [
+    (lambda t: t.update({"model.layers.1.mlp.up_proj.weight": np.zeros((256, 64), np.float32)}),
+     None, r"tensor model\.layers\.1\.mlp\.up_proj\.weight has shape \[256, 64\], but this "
+           r"config\.model expects \[192, 64\]"),
+    (lambda t: _rename(t, "model.layers.0.mlp.act_fn.weight", "model.layers.0.mlp.act.weight"),
+     None, r"tensor model\.layers\.0\.mlp\.act_fn\.weight is missing \(expected shape \[3\].*"
+           r"unexpected tensors found: \['model\.layers\.0\.mlp\.act\.weight'\]"),
+    (lambda t: t.update({"model.layers.0.mlp.gate_proj.weight": np.zeros((192, 64), np.float32)}),
+     None, r"unexpected tensor model\.layers\.0\.mlp\.gate_proj\.weight"),
+    (None, lambda c: c.update(num_attention_heads=8, head_dim=8),
+     r"config\.json: num_attention_heads is 8, but config\.model\.num_heads=4 gives 4"),
+    (None, lambda c: c.update(hidden_act="polyrelu", polycom_activation="polyrelu"),
+     r"hidden_act is 'polyrelu', but config\.model\.activation='polynorm'"),
+    (None, lambda c: c.update(rope_parameters={"rope_type": "default", "rope_theta": 1e4}),
+     r"rope_theta is 10000\.0, but config\.model\.rope_theta=500\.0"),
+])
+def test_mismatched_directory_is_refused(export, tmp_path, edit_tensors, edit_config, message):
+  config, _, _, _, hf_dir = export("polynorm")
+  bad = _edited_copy(hf_dir, tmp_path / "bad", edit_tensors, edit_config)
+  workdir = tmp_path / "run"
+  with pytest.raises(ConfigError, match=message):
+    interop.import_checkpoint(config, bad, str(workdir))
+  assert not os.path.exists(workdir / "checkpoints")          # nothing written
+
+
+def test_missing_files_and_moe_are_refused(tiny, tmp_path):
+  with pytest.raises(ConfigError, match="no config.json"):
+    interop.read_hf_dir(str(tmp_path))
+  (tmp_path / "config.json").write_text("{}")
+  with pytest.raises(ConfigError, match="no model.safetensors"):
+    interop.read_hf_dir(str(tmp_path))
+  config = tiny()
+  config.model.update(num_experts=4, num_experts_per_tok=2)
+  with pytest.raises(ConfigError, match="num_experts=4: .* dense models only"):
+    interop.export_checkpoint(config, str(tmp_path), str(tmp_path / "out"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Pure mappings and configs
+
+def _model_config(**overrides) -> model_lib.ModelConfig:
+  from configs import tiny
+  c = tiny.get_config()
+  c.model.update(overrides)
+  return model_lib.ModelConfig.from_config(c.model)
+
+
+def test_qk_norm_and_tied_embeddings_match_transformers_qwen3(torch_llama):
+  """QK-norm scales take Qwen3's names and architecture (its q/k norm is per head, as here), tied
+  models have no lm_head.weight; the round trip is exact and Qwen3ForCausalLM gives the logits."""
+  torch, _ = torch_llama
+  qwen3 = pytest.importorskip("transformers.models.qwen3.modeling_qwen3")
+  mc = _model_config(activation="geglu", tie_embeddings=True, qk_norm=True, rope_theta=500.0)
+  abstract = nnx.eval_shape(lambda: model_lib.Transformer(mc, nnx.Rngs(0)))
+  state = _random_like(nnx.state(abstract, nnx.Param), seed=1)
+  params = jax.device_get(nnx.to_pure_dict(state))
+  tensors = interop.to_hf_state_dict(params, mc)
+  assert "lm_head.weight" not in tensors
+  assert tensors["model.layers.0.self_attn.k_norm.weight"].shape == (16,)
+  jax.tree.map(np.testing.assert_array_equal, interop.from_hf_state_dict(tensors, mc), params)
+  hf = interop.hf_config(mc)
+  assert (hf["architectures"], hf["hidden_act"]) == (["Qwen3ForCausalLM"], "gelu")
+  assert interop.model_fields_from_hf(hf)["qk_norm"]
+
+  tokens = np.random.RandomState(0).randint(0, mc.vocab_size, (2, 24))
+  want = np.asarray(nnx.merge(nnx.graphdef(abstract), state)(jnp.asarray(tokens)))
+  assert np.abs(want).max() > 1.0
+  torch_model = qwen3.Qwen3ForCausalLM(qwen3.Qwen3Config(**hf, attn_implementation="eager"))
+  torch_model.load_state_dict({n: torch.from_numpy(np.array(t)) for n, t in tensors.items()},
+                              strict=False)
+  missing = set(torch_model.state_dict()) - set(tensors)
+  assert missing == {"lm_head.weight"}           # tied: it is the embedding table
+  with torch.no_grad():
+    got = torch_model(torch.as_tensor(tokens)).logits.numpy()
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_model_fields_from_a_plain_llama_config(torch_llama):
+  """A stock transformers Llama config (no PolyCom fields) reads as a swiglu ModelConfig that
+  passes the config.json check."""
+  _, modeling_llama = torch_llama
+  hf = modeling_llama.LlamaConfig(
+      vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=1, rms_norm_eps=1e-5, rope_theta=2000.0,
+      max_position_embeddings=128).to_dict()
+  mc = model_lib.ModelConfig.from_config(_fields_on_default(interop.model_fields_from_hf(hf)))
+  assert (mc.activation, mc.d_ff, mc.num_kv_heads, mc.head_dim) == ("swiglu", 160, 1, 16)
+  assert (mc.rope_theta, mc.norm_eps, mc.max_seq_len) == (2000.0, 1e-5, 128)
+  interop.check_hf_config(hf, mc, "config.json")
+
+
+def _fields_on_default(fields: dict):
+  from configs import default
+  c = default.get_config()
+  c.model.update(fields)
+  return c.model
+
+
+def _convert(config, *args) -> subprocess.CompletedProcess:
+  """convert.py on configs/tiny.py with the test corpus, on 4 CPU devices as a 2 x 2 mesh
+  (fsdp x tensor), so the checkpoint is read and written sharded."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  return subprocess.run(
+      [sys.executable, "convert.py", "--config=configs/tiny.py", "--config.mesh.fsdp=2",
+       "--config.mesh.tensor=2", f"--config.data.text_glob={config.data.text_glob}",
+       f"--config.data.data_dir={config.data.data_dir}", *args],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_convert_cli_exports_the_same_files(export, tmp_path):
+  config, _, _, workdir, hf_dir = export("polyrelu")
+  overrides = [f"--config.model.{k}={config.model[k]}" for k in ("activation", "rope_theta",
+                                                                  "norm_eps")]
+  proc = _convert(config, "--direction=export", *overrides, f"--workdir={workdir}",
+                  f"--hf_dir={tmp_path}")
+  assert proc.returncode == 0, proc.stderr
+  assert "exported step 5" in proc.stdout
+  for name in ("model.safetensors", "config.json"):
+    assert (tmp_path / name).read_bytes() == open(os.path.join(hf_dir, name), "rb").read()
+
+
+def test_convert_cli_imports_with_the_model_from_the_directory(export, tmp_path):
+  """--model_from_hf prints the overrides that make eval.py's config match the checkpoint; the
+  checkpoint written on a 2 x 2 mesh restores bit-exact on this process's one device."""
+  config, _, params, _, hf_dir = export("polyrelu")
+  proc = _convert(config, "--direction=import", "--model_from_hf", f"--hf_dir={hf_dir}",
+                  f"--workdir={tmp_path}")
+  assert proc.returncode == 0, proc.stderr
+  printed = proc.stdout.split("add ")[1].split("\n")[0].split()
+  assert sorted(printed) == ["--config.model.activation=polyrelu",
+                             "--config.model.norm_eps=1e-05", "--config.model.rope_theta=500.0"]
+  _, restored, step = evaluation.restore_params(config, str(tmp_path))
+  assert step == 0
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), params)
+  again = _convert(config, "--direction=import", "--model_from_hf", f"--hf_dir={hf_dir}",
+                   f"--workdir={tmp_path}")
+  assert again.returncode == 2 and "already has checkpoints [0]" in again.stderr
