@@ -6,6 +6,8 @@ fields (and their meaning) lives here.
 
 import ml_collections
 
+from polycom_jax import sharding
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -41,7 +43,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Mixture of experts (0 experts = dense).
   m.num_experts = 0
   m.num_experts_per_tok = 0
-  m.moe_d_ff = 0
+  m.moe_ungated_d_ff = 0        # expert MLP width of ungated activations (0: the dense width)
+  m.moe_d_ff = 0                # 0: moe_ungated_d_ff, or 2/3 of it for gated ones
   m.moe_impl = "ragged"         # ragged (dropless grouped matmul) | capacity
   m.moe_capacity_factor = 1.25
   m.moe_renormalize = False     # renormalise the top-k router weights to sum to 1
@@ -92,8 +95,16 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- mesh ----------------------------------------------------------------------------------
   mesh = c.mesh = ml_collections.ConfigDict()
-  mesh.data = -1                # -1: all devices left over after the other axes
-  mesh.fsdp = 1
-  mesh.tensor = 1
-  mesh.expert = 1
+  # Axis sizes multiply to the device count (all processes); one may be -1: the rest.
+  mesh.data = -1                # pure data parallel: parameters replicated, gradients all-reduced
+  mesh.fsdp = 1                 # data parallel with parameters and optimizer state sharded
+  mesh.tensor = 1               # tensor parallel (attention heads, MLP hidden units, vocabulary)
+  mesh.expert = 1               # MoE experts
+  mesh.dcn_data = 1             # > 1: `data` spans this many TPU slices / GPU nodes (over DCN);
+                                # fsdp, tensor and expert then stay inside each slice / node
+  # Logical axis name -> mesh axes (a name, a tuple of names, or None: replicated). Parameters
+  # use embed/mlp/heads/kv_heads/head_dim/vocab/expert, activations activation_*, input
+  # batches batch. Entries replace the defaults of the same name, e.g. keep parameters whole
+  # under FSDP: --config.mesh.rules="(('embed', None),)".
+  mesh.rules = sharding.DEFAULT_RULES
   return c

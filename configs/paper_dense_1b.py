@@ -8,7 +8,16 @@ models saw 250B: --config.train.num_steps=953675). Data: RedPajama with the Llam
 the paper; here any TFDS text dataset prepared in data_dir (c4 by default) and a SentencePiece
 model given by --config.data.tokenizer_path.
 
-Mesh: FSDP over all devices (8 GPUs, or a v5p-32 slice's 16 chips) with full rematerialisation.
+Mesh: FSDP over all devices (8 GPUs, or a v5p-32 slice's 16 chips: parameters and Adam state,
+~16 GB in float32, shard 8 or 16 ways; 64 sequences = 8 or 4 per device) with full
+rematerialisation. Compiled ahead of time for TPU v5p (XLA attention, which materialises the
+[T, T] scores): 0.9 GiB of state + 32 GiB of scratch per chip on 16 chips (of 95 GiB), 1.9 + 65
+GiB on 8. On GPUs attention_impl auto can use cuDNN's fused attention, which does not
+materialise the scores; with less memory, --config.train.micro_batch_size=32 (gradient
+accumulation) roughly halves the scratch. Several TPU slices or GPU nodes joined by DCN: data
+parallel across them, FSDP inside each, e.g. 2 x v5p-32: --config.mesh.data=2
+--config.mesh.dcn_data=2 (fsdp -1 then fills each slice); across 4 GPU nodes with InfiniBand,
+plain --config.mesh.fsdp=-1 over all 32 GPUs also works.
 """
 
 from configs import default
@@ -31,5 +40,5 @@ def get_config():
       b1=0.9, b2=0.95, adam_eps=1e-8, weight_decay=0.1, grad_clip=1.0, log_every=10,
       eval_every=1000, eval_batches=50, checkpoint_every=1000, keep_checkpoints=3)
   c.eval.update(batch_size=64, max_batches=200)
-  c.mesh.update(data=1, fsdp=-1, tensor=1, expert=1)
+  c.mesh.update(data=1, fsdp=-1, tensor=1, expert=1, dcn_data=1)
   return c

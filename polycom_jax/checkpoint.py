@@ -1,19 +1,23 @@
 """Orbax checkpoints of a run: train state, data-iterator state and the config, per step.
 
 Layout: WORKDIR/checkpoints/<step>/{state, data, config}. `state` holds params, optimizer state
-and step (sharded arrays, written collectively by all processes); `data` the grain iterator's
-state (so a resumed run sees exactly the batches an uninterrupted one would); `config` the
-run's config as JSON, used to refuse restoring a checkpoint into a different model.
+and step (sharded arrays, written collectively by all processes); `data` every process's grain
+iterator state, {"per_process": [...]} (each process reads its own shard of the data; so a
+resumed run sees exactly the batches an uninterrupted one would); `config` the run's config as
+JSON, used to refuse restoring a checkpoint into a different model.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from polycom_jax.config_errors import ConfigError
 
@@ -25,6 +29,26 @@ MODEL_FIELDS_EXEMPT = ("activation_impl", "attention_impl", "remat", "dtype", "s
 
 class CheckpointError(RuntimeError):
   """A checkpoint could not be written or read; the message names the path."""
+
+
+def gather_data_states(data_state: dict) -> dict:
+  """{"per_process": [each process's data state]}: Orbax writes a JSON item from process 0
+  only, so the other processes' iterator states travel to it first (a collective call)."""
+  if jax.process_count() == 1:
+    return {"per_process": [data_state]}
+  raw = np.frombuffer(json.dumps(data_state).encode(), np.uint8)
+  sizes = multihost_utils.process_allgather(np.int32(raw.size))            # [processes]
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:raw.size] = raw
+  rows = multihost_utils.process_allgather(padded)                         # [processes, max]
+  return {"per_process": [json.loads(bytes(row[:n])) for row, n in zip(rows, sizes)]}
+
+
+def this_process_data_state(saved: dict) -> dict | None:
+  """This process's data state from a checkpoint's `data` item; None when it was written by a
+  different number of processes (a position in another sharding of the data does not carry)."""
+  states = saved.get("per_process", [])
+  return states[jax.process_index()] if len(states) == jax.process_count() else None
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -75,7 +99,7 @@ class Checkpointer:
     try:
       return self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state),
-          data=ocp.args.JsonSave(data_state or {}),
+          data=ocp.args.JsonSave(gather_data_states(data_state or {})),
           config=ocp.args.JsonSave(config)), force=force)
     except Exception as e:  # Orbax and tensorstore raise many types for I/O failures
       raise self._save_error(step, e) from e
@@ -90,14 +114,20 @@ class Checkpointer:
     return self._manager.restore(step, args=ocp.args.Composite(
         config=ocp.args.JsonRestore())).config
 
-  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-    """State (sharded like abstract_state's ShapeDtypeStructs) and data state at step."""
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict | None]:
+    """State (sharded like abstract_state's ShapeDtypeStructs) and this process's data state at
+    step (None if the checkpoint was written by a different number of processes)."""
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-    return restored.state, restored.data
+    return restored.state, this_process_data_state(restored.data)
+
+  def read_data_states(self, step: int) -> list[dict]:
+    """Every process's data state at step, in process order."""
+    return self._manager.restore(step, args=ocp.args.Composite(
+        data=ocp.args.JsonRestore())).data["per_process"]
 
   def restore_latest_good(self, abstract_state: Any, current_config: dict | None = None,
-                          warn: Callable[[str], None] = print) -> tuple[int, Any, dict]:
+                          warn: Callable[[str], None] = print) -> tuple[int, Any, dict | None]:
     """(step, state, data state) of the newest checkpoint that reads back; unreadable (corrupt,
     truncated) ones are reported with their path and skipped. The config check runs on the
     newest readable config, so a checkpoint of another model is refused, not skipped."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import os
 
 import jax
-from absl import flags
+from absl import flags, logging
 
 _COORDINATOR = "coordinator_address"
 _NUM_PROCESSES = "num_processes"
@@ -24,12 +26,21 @@ def _setting(name: str, env: str):
   return value if value is not None else os.environ.get(env)
 
 
+def _on_cloud_tpu_vm() -> bool:
+  """libtpu installed and TPU chips attached (v4/v5e: /dev/accel*, v5p/v6e: /dev/vfio/N): a
+  Cloud TPU VM, where jax.distributed.initialize() reads the pod's layout from the metadata
+  server (one host or many). Checked without starting a JAX backend, which must wait."""
+  return (importlib.util.find_spec("libtpu") is not None
+          and bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")))
+
+
 def initialize():
-  """Initialises jax.distributed when more than one process is configured.
+  """Initialises jax.distributed when more than one process is (or may be) configured.
 
   Explicit flags (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID) win;
-  otherwise on Cloud TPU pods and under SLURM (more than one task) jax detects everything
-  itself; a single process needs nothing.
+  otherwise under SLURM (more than one task), on GKE / multi-slice TPU (TPU_WORKER_HOSTNAMES,
+  MEGASCALE_COORDINATOR_ADDRESS) and on Cloud TPU VMs jax detects everything itself; a single
+  process elsewhere needs nothing. Processes other than 0 then log errors only.
   """
   coordinator = _setting(_COORDINATOR, "JAX_COORDINATOR_ADDRESS")
   num = _setting(_NUM_PROCESSES, "JAX_NUM_PROCESSES")
@@ -38,5 +49,10 @@ def initialize():
     jax.distributed.initialize(coordinator_address=coordinator,
                                num_processes=None if num is None else int(num),
                                process_id=None if pid is None else int(pid))
-  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or os.environ.get("TPU_WORKER_HOSTNAMES"):
+  elif (int(os.environ.get("SLURM_NTASKS", "1")) > 1 or os.environ.get("TPU_WORKER_HOSTNAMES")
+        or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS") or _on_cloud_tpu_vm()):
     jax.distributed.initialize()
+  else:
+    return
+  if jax.process_index() != 0:
+    logging.set_verbosity(logging.ERROR)

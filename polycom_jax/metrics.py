@@ -49,15 +49,18 @@ class MetricWriter:
   """Writes one JSON object per logged step to WORKDIR/metrics.jsonl and TensorBoard events
   to WORKDIR/tensorboard; only process 0 writes."""
 
-  def __init__(self, workdir: str, filename: str = "metrics.jsonl", resume_step: int = 0):
+  def __init__(self, workdir: str, filename: str = "metrics.jsonl", resume_step: int = 0,
+               tensorboard: bool = True):
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
     path = os.path.join(workdir, filename)
     _drop_records_after(path, resume_step)
     self._jsonl = open(path, "a")
-    from tensorboardX import SummaryWriter
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self._tb = None
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, metrics: dict):
     if not self.enabled:
@@ -66,13 +69,14 @@ class MetricWriter:
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
     for k, v in record.items():
-      if k != "step" and isinstance(v, (int, float)):
+      if self._tb and k != "step" and isinstance(v, (int, float)):
         self._tb.add_scalar(k, v, step)
 
   def close(self):
     if self.enabled:
       self._jsonl.close()
-      self._tb.close()
+      if self._tb:
+        self._tb.close()
 
 
 def _drop_records_after(path: str, step: int):

@@ -20,10 +20,15 @@ from flax import nnx
 
 from polycom_jax import activations
 from polycom_jax.config_errors import ConfigError
+from polycom_jax.sharding import active_layout, constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "save_matmuls")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+# Logical names of activation axes (mapped to mesh axes by the sharding rules under a mesh).
+RESIDUAL = ("activation_batch", "activation_length", "activation_embed")      # [B, T, D]
+HIDDEN = ("activation_batch", "activation_length", "activation_mlp")          # [B, T, F]
+LOGITS = ("activation_batch", "activation_length", "activation_vocab")        # [B, T, V]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +92,9 @@ class ModelConfig:
     ungated = m.pop("ungated_d_ff", 4 * m["d_model"])
     if not m.get("d_ff"):
       m["d_ff"] = matched_d_ff(ungated, act.gated, multiple)
+    moe_ungated = m.pop("moe_ungated_d_ff", 0)
     if not m.get("moe_d_ff") and m.get("num_experts", 0) > 0:
-      m["moe_d_ff"] = m["d_ff"]
+      m["moe_d_ff"] = matched_d_ff(moe_ungated, act.gated, multiple) if moe_ungated else m["d_ff"]
     if m.get("dtype", "auto") == "auto":
       m["dtype"] = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     known = {f.name for f in dataclasses.fields(cls)}
@@ -135,6 +141,14 @@ def _validate(c: ModelConfig):
   if c.num_experts:
     _require(0 < c.num_experts_per_tok <= c.num_experts, "config.model.num_experts_per_tok",
              f"must be in [1, num_experts={c.num_experts}], got {c.num_experts_per_tok}")
+    _require(c.moe_d_ff > 0, "config.model.moe_d_ff", f"must be > 0, got {c.moe_d_ff}")
+    _require(c.moe_impl in ("ragged", "capacity"), "config.model.moe_impl",
+             f"must be one of ('ragged', 'capacity'), got {c.moe_impl!r}")
+    _require(c.moe_capacity_factor > 0, "config.model.moe_capacity_factor",
+             f"must be > 0, got {c.moe_capacity_factor}")
+    for name in ("moe_aux_loss_weight", "moe_z_loss_weight"):
+      _require(getattr(c, name) >= 0, f"config.model.{name}",
+               f"must be >= 0, got {getattr(c, name)}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -230,12 +244,30 @@ class MLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dt = self.c.compute_dtype
-    h = x @ self.w_up[...].astype(dt)                                  # [B, T, F]
+    # Hidden units split over `tensor`: PolyNorm's row statistics then need a cross-device
+    # sum, which GSPMD inserts for the jnp path (a fused kernel must psum its partial sums
+    # inside shard_map: kernels.poly_norm_sharded).
+    h = constrain(x @ self.w_up[...].astype(dt), HIDDEN)              # [B, T, F]
     if self.gated:
-      h = self.act(x @ self.w_gate[...].astype(dt)) * h
+      h = self._activate(constrain(x @ self.w_gate[...].astype(dt), HIDDEN)) * h
     else:
-      h = self.act(h)
+      h = self._activate(h)
     return h @ self.w_down[...].astype(dt)
+
+  def _activate(self, h: jax.Array) -> jax.Array:
+    """The activation; under a multi-device mesh the fused kernel runs per shard (XLA cannot
+    partition a Pallas call), with PolyNorm's row sums psum'd over the `tensor` axis."""
+    layout = active_layout(HIDDEN)
+    act = self.act
+    if (layout is None or not isinstance(act, (activations.PolyNorm, activations.PolyReLU))
+        or activations.resolve_impl(act.impl) != "pallas"):
+      return act(h)
+    from polycom_jax import kernels
+    mesh, spec = layout
+    w, b = act.weight[...], act.bias[...]
+    if isinstance(act, activations.PolyNorm):
+      return kernels.poly_norm_sharded(h, w, b, act.eps, impl="pallas", mesh=mesh, x_spec=spec)
+    return kernels.poly_relu_sharded(h, w, b, impl="pallas", mesh=mesh, x_spec=spec)
 
 
 class Block(nnx.Module):
@@ -283,7 +315,7 @@ class Transformer(nnx.Module):
     if positions is None:
       start = 0 if cache_index is None else cache_index
       positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1]), tokens.shape)
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)           # [B, T, D]
+    x = constrain(jnp.take(self.embed[...], tokens, axis=0).astype(dt), RESIDUAL)  # [B, T, D]
     new_cache = []
     for i, layer in enumerate(self.layers):
       if cache is None and c.remat != "none":
@@ -293,9 +325,10 @@ class Transformer(nnx.Module):
         x, layer_cache = layer(x, positions, segment_ids,
                                None if cache is None else cache[i], cache_index)
         new_cache.append(layer_cache)
+      x = constrain(x, RESIDUAL)
     x = self.final_norm(x)
     head = self.embed[...].T if c.tie_embeddings else self.lm_head[...]
-    logits = (x @ head.astype(dt)).astype(jnp.float32)                 # [B, T, V]
+    logits = constrain((x @ head.astype(dt)).astype(jnp.float32), LOGITS)  # [B, T, V]
     return logits if cache is None else (logits, new_cache)
 
 

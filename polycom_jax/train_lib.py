@@ -27,6 +27,7 @@ from polycom_jax import checkpoint as ckpt_lib
 from polycom_jax import data as data_lib
 from polycom_jax import metrics as metrics_lib
 from polycom_jax import model as model_lib
+from polycom_jax import moe as moe_lib
 from polycom_jax import optimizer as opt_lib
 from polycom_jax import sharding as sharding_lib
 from polycom_jax.config_errors import ConfigError
@@ -56,7 +57,7 @@ class Setup:
 
   @property
   def batch_sharding(self) -> NamedSharding:
-    return sharding_lib.batch_sharding(self.mesh)
+    return sharding_lib.batch_sharding(self.mesh, self.rules)
 
   @property
   def per_process_batch(self) -> int:
@@ -94,11 +95,11 @@ def validate_config(config: ml_collections.ConfigDict) -> model_lib.ModelConfig:
   return mc
 
 
-def check_batch_divisible(batch: int, field: str, mesh: Mesh):
-  dp = sharding_lib.data_parallel_size(mesh)
+def check_batch_divisible(batch: int, field: str, mesh: Mesh, rules):
+  dp = sharding_lib.data_parallel_size(mesh, rules)
   _require(batch % dp == 0, field,
            f"({batch}) must be divisible by the data-parallel size {dp} "
-           f"(mesh {dict(mesh.shape)}: data x fsdp x expert)")
+           f"(mesh {dict(mesh.shape)}, batch rows split over {dict(rules)['batch']})")
   _require(batch % jax.process_count() == 0, field,
            f"({batch}) must be divisible by the number of processes ({jax.process_count()})")
 
@@ -109,10 +110,10 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
   mesh = sharding_lib.make_mesh(config.mesh, devices)
   rules = sharding_lib.rules_from_config(config.mesh)
   t = config.train
-  check_batch_divisible(t.global_batch_size, "config.train.global_batch_size", mesh)
+  check_batch_divisible(t.global_batch_size, "config.train.global_batch_size", mesh, rules)
   if t.micro_batch_size:
-    check_batch_divisible(t.micro_batch_size, "config.train.micro_batch_size", mesh)
-  check_batch_divisible(config.eval.batch_size, "config.eval.batch_size", mesh)
+    check_batch_divisible(t.micro_batch_size, "config.train.micro_batch_size", mesh, rules)
+  check_batch_divisible(config.eval.batch_size, "config.eval.batch_size", mesh, rules)
   tokenizer = data_lib.get_tokenizer(config.data)
   _require(tokenizer.vocab_size <= mc.vocab_size, "config.model.vocab_size",
            f"({mc.vocab_size}) is smaller than the tokenizer's vocabulary "
@@ -144,14 +145,15 @@ def init_state(s: Setup) -> dict:
 # Steps
 
 def _token_nll(graphdef, params, batch: dict, mc: model_lib.ModelConfig):
-  """Per-token negative log-likelihood [B, T] and log-partition [B, T], in float32."""
+  """Per-token negative log-likelihood [B, T] and log-partition [B, T], in float32, and the
+  MoE router's auxiliary losses ({} for dense models)."""
   model = nnx.merge(graphdef, params)
   doc = mc.document_mask
   logits = model(batch["inputs"], positions=batch["positions"] if doc else None,
                  segment_ids=batch["segment_ids"] if doc else None)          # [B, T, V]
   logz = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-  return logz - target_logit, logz
+  return logz - target_logit, logz, moe_lib.aux_losses(model)
 
 
 def make_train_step(s: Setup) -> Callable[[dict, dict], tuple[dict, dict]]:
@@ -162,12 +164,17 @@ def make_train_step(s: Setup) -> Callable[[dict, dict], tuple[dict, dict]]:
   accum = t.global_batch_size // t.micro_batch_size if t.micro_batch_size else 1
 
   def loss_sum(params, batch, total_tokens):
-    nll, logz = _token_nll(graphdef, params, batch, mc)
+    """This (micro-)batch's share of the global objective, and its (nll sum, aux losses)."""
+    nll, logz, aux = _token_nll(graphdef, params, batch, mc)
     mask = batch["loss_mask"]
     loss = jnp.sum(nll * mask)
     if t.z_loss:
       loss += t.z_loss * jnp.sum(jnp.square(logz) * mask)
-    return loss / total_tokens, jnp.sum(nll * mask)
+    loss = loss / total_tokens
+    if aux:   # router losses are means per micro-batch: average them over micro-batches
+      loss += (mc.moe_aux_loss_weight * aux["load_balance"]
+               + mc.moe_z_loss_weight * aux["router_z"]) / accum
+    return loss, (jnp.sum(nll * mask), aux)
 
   grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
 
@@ -175,17 +182,18 @@ def make_train_step(s: Setup) -> Callable[[dict, dict], tuple[dict, dict]]:
     params = state["params"]
     total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
     if accum == 1:
-      (_, nll_sum), grads = grad_fn(params, batch, total_tokens)
+      (_, (nll_sum, aux)), grads = grad_fn(params, batch, total_tokens)
     else:
       micro = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
 
       def body(carry, mb):
-        g_acc, n_acc = carry
-        (_, n), g = grad_fn(params, mb, total_tokens)
-        return (jax.tree.map(jnp.add, g_acc, g), n_acc + n), None
+        (_, (n, a)), g = grad_fn(params, mb, total_tokens)
+        return jax.tree.map(jnp.add, carry, (g, n, a)), None
 
       zeros = jax.tree.map(jnp.zeros_like, params)
-      (grads, nll_sum), _ = jax.lax.scan(body, (zeros, jnp.zeros(())), micro)
+      aux0 = {k: jnp.zeros(()) for k in ("load_balance", "router_z")} if mc.num_experts else {}
+      (grads, nll_sum, aux), _ = jax.lax.scan(body, (zeros, jnp.zeros(()), aux0), micro)
+      aux = {k: v / accum for k, v in aux.items()}
     loss = nll_sum / total_tokens
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -195,10 +203,14 @@ def make_train_step(s: Setup) -> Callable[[dict, dict], tuple[dict, dict]]:
     new_state = {"step": state["step"] + 1, "params": keep(new_params, params),
                  "opt_state": keep(new_opt, state["opt_state"])}
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]),
-               "tokens": total_tokens, "nonfinite": ~finite}
+               "tokens": total_tokens, "nonfinite": ~finite, **aux}
+    coefficients = activation_coefficients(new_state["params"])
+    if coefficients is not None:
+      metrics["coefficients"] = coefficients
     return new_state, metrics
 
-  return jax.jit(step, in_shardings=(s.state_shardings, s.batch_sharding),
+  return jax.jit(sharding_lib.with_activation_sharding(step, s.mesh, s.rules),
+                 in_shardings=(s.state_shardings, s.batch_sharding),
                  out_shardings=(s.state_shardings, None), donate_argnums=0)
 
 
@@ -210,12 +222,13 @@ def make_eval_step(s: Setup) -> Callable[[Any, dict], dict]:
   byte_lengths = jnp.asarray(byte_lengths)
 
   def step(params, batch):
-    nll, _ = _token_nll(s.graphdef, params, batch, s.model_config)
+    nll, _, _ = _token_nll(s.graphdef, params, batch, s.model_config)
     mask = batch["loss_mask"]
     return {"nll": jnp.sum(nll * mask), "tokens": jnp.sum(mask),
             "bytes": jnp.sum(byte_lengths[batch["targets"]] * mask)}
 
-  return jax.jit(step, in_shardings=(s.state_shardings["params"], s.batch_sharding))
+  return jax.jit(sharding_lib.with_activation_sharding(step, s.mesh, s.rules),
+                 in_shardings=(s.state_shardings["params"], s.batch_sharding))
 
 
 def global_batch(s: Setup, local: dict) -> dict:
@@ -249,6 +262,17 @@ def eval_batches(s: Setup, max_batches: int, batch_size: int) -> Iterator[dict]:
 
 # ------------------------------------------------------------------------------------------------
 # The loop
+
+def activation_coefficients(params) -> jax.Array | None:
+  """[layers, r + 1]: each layer's shared PolyCom coefficients (weight..., bias), or None for
+  other activations; logged to follow how the mix of powers evolves during training."""
+  flat = {tuple(map(str, p)): v for p, v in nnx.to_flat_state(params)}
+  layers = sorted({p[:2] for p in flat if p[-2:] == ("act", "weight")}, key=lambda p: int(p[1]))
+  if not layers:
+    return None
+  return jnp.stack([jnp.concatenate([flat[(*l, "mlp", "act", n)][...].ravel()
+                                     for n in ("weight", "bias")]) for l in layers])
+
 
 def check_workdir(workdir: str):
   """The workdir exists (created if needed) and is writable, or a ConfigError says why."""
@@ -312,7 +336,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if checkpointer.steps():
     start, state, data_state = checkpointer.restore_latest_good(s.abstract_state, config_dict,
                                                                 warn=log)
-    train_iter.set_state(data_state)
+    if data_state is None:
+      log(f"warning: the step-{start} checkpoint was written by a different number of "
+          "processes; each process's data position cannot carry over, so the data iterators "
+          "start again from the beginning of their shards")
+    else:
+      train_iter.set_state(data_state)
     log(f"resumed from step {start} in {checkpointer.directory}")
   else:
     state, start = init_state(s), 0
@@ -321,6 +350,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   train_step, eval_step = make_train_step(s), make_eval_step(s)
   writer = metrics_lib.MetricWriter(workdir, resume_step=start)
+  coefficient_writer = metrics_lib.MetricWriter(workdir, "coefficients.jsonl", resume_step=start,
+                                                tensorboard=False)
   progress = metrics_lib.Progress(t.num_steps, start)
   flops_per_token = model_lib.flops_per_token(s.model_config, config.data.seq_len)
   device_kind = jax.devices()[0].device_kind
@@ -357,13 +388,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     last = {"loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
             "tokens_per_sec": tps, "step_time": elapsed / max(steps_done, 1),
             "skipped_updates": skipped, "tokens_seen": step * tokens_per_step,
-            "mfu": metrics_lib.mfu(flops_per_token, tps, jax.device_count(), device_kind)}
+            "mfu": metrics_lib.mfu(flops_per_token, tps, jax.device_count(), device_kind),
+            **{f"moe_{k}": float(m[k]) for k in ("load_balance", "router_z") if k in m}}
     if eval_due(step):
       ev = evaluate(s, eval_step, state["params"],
                     eval_batches(s, t.eval_batches, config.eval.batch_size))
       last.update({f"eval_{k}": v for k, v in ev.items() if k != "tokens"})
     window_start, window_first = time.time(), step
     writer.write(step, last)
+    if "coefficients" in m:
+      coefficient_writer.write(step, {"layers": m["coefficients"].tolist()})
     log(progress.line(step, last))
 
   def eval_due(step: int) -> bool:
@@ -390,12 +424,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         save(step, force=True)
         checkpointer.close()
         writer.close()
+        coefficient_writer.close()
         log(f"received signal {stop.signum}: checkpoint at step {step} written; "
             f"run the same command to resume")
         return {"step": step, "preempted": True, **last}
     save(step, force=True)
   checkpointer.close()
   writer.close()
+  coefficient_writer.close()
   log(f"done: step {step}, checkpoints in {checkpointer.directory}, "
       f"metrics in {os.path.join(workdir, 'metrics.jsonl')}")
   return {"step": step, **last}

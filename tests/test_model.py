@@ -120,8 +120,9 @@ def test_kv_cache_decoding_matches_full_forward():
   np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=2e-5, rtol=1e-5)
 
 
-def test_remat_gives_the_same_gradients():
-  c, c_remat = _model_config(), _model_config(remat="full")
+@pytest.mark.parametrize("policy", ["full", "save_matmuls"])
+def test_remat_gives_the_same_gradients(policy):
+  c, c_remat = _model_config(), _model_config(remat=policy)
   m, m_remat = model.Transformer(c, nnx.Rngs(0)), model.Transformer(c_remat, nnx.Rngs(0))
   tokens = _tokens(c)
   grad = lambda mm: nnx.grad(lambda mm: mm(tokens).sum())(mm)
