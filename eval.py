@@ -2,9 +2,12 @@
 
   python eval.py --config=configs/default.py --workdir=workdirs/run1 [--step=N]
       [--sample --prompt="def main(" --max_new_tokens=64 --temperature=0.8]
+      [--tasks=arc_easy,arc_challenge,hellaswag,piqa,winogrande,sciq=/path/sciq.jsonl
+       --tasks_data_dir=DIR --tasks_limit=N]
 
 Writes WORKDIR/eval/metrics_step_<N>.json (step, loss, perplexity, bits_per_byte, tokens,
-unigram_loss) and prints a summary.
+unigram_loss) and prints a summary. With --tasks, also zero-shot multiple-choice accuracy
+(polycom_jax/downstream) in WORKDIR/eval/downstream_step_<N>.json, printed as a table.
 """
 
 import sys
@@ -12,9 +15,10 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from polycom_jax import distributed, evaluation
+from polycom_jax import distributed, downstream, evaluation
 from polycom_jax.checkpoint import CheckpointError
 from polycom_jax.config_errors import ConfigError
+from polycom_jax.data import resolve_data_dir
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.",
                                           lock_config=True)
@@ -24,6 +28,13 @@ _SAMPLE = flags.DEFINE_bool("sample", False, "Also generate text from --prompt."
 _PROMPT = flags.DEFINE_string("prompt", "def ", "Prompt for --sample.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate with --sample.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy; > 0: sampling.")
+_TASKS = flags.DEFINE_string(
+    "tasks", "", "Comma-separated multiple-choice tasks: built-in names (TFDS), NAME=PATH or "
+    "jsonl:PATH (see polycom_jax/downstream/tasks.py).")
+_TASKS_DATA_DIR = flags.DEFINE_string(
+    "tasks_data_dir", "", "Where the tasks' TFDS datasets are prepared (default: "
+    "config.data.data_dir).")
+_TASKS_LIMIT = flags.DEFINE_integer("tasks_limit", 0, "Examples per task (0: all).")
 distributed.define_flags()
 
 
@@ -33,8 +44,16 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)   # Orbax logs every save step at INFO
   try:
     distributed.initialize()
+    tasks = downstream.load_tasks(                   # bad task data fails before compiling
+        _TASKS.value, _TASKS_DATA_DIR.value or resolve_data_dir(_CONFIG.value.data),
+        _TASKS_LIMIT.value) if _TASKS.value else []
     result = evaluation.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _STEP.value)
     print(evaluation.format_summary(result))
+    if tasks:
+      scores = downstream.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, result["step"], tasks)
+      print(downstream.format_table(scores["tasks"]))
+      if "path" in scores:
+        print(f"written to {scores['path']}")
     if _SAMPLE.value:
       s, params, _ = evaluation.restore_params(_CONFIG.value, _WORKDIR.value, result["step"])
       text = evaluation.generate(s, params, _PROMPT.value, _MAX_NEW.value, _TEMPERATURE.value)
