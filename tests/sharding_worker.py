@@ -49,6 +49,17 @@ def layout_config(activation: str, mesh: dict):
   return c
 
 
+MOE_IMPLS = ("ragged", "capacity")
+
+
+def moe_config(impl: str, mesh: dict):
+  """layout_config's PolyNorm model with 8 experts, top-2 (capacity large enough to drop none)."""
+  c = layout_config("polynorm", mesh)
+  c.model.update(num_experts=8, num_experts_per_tok=2, moe_ungated_d_ff=96, moe_impl=impl,
+                 moe_capacity_factor=4.0)
+  return c
+
+
 def multiprocess_config(corpus_glob: str = "", data_dir: str = ""):
   """configs/tiny.py on the test corpus, on the two-process run's mesh."""
   c = tiny.get_config()
@@ -212,6 +223,14 @@ def layouts(out_dir: str, batches_npz: str):
       if act == "polynorm" and name == "fsdp4_tensor2":
         scalars["restore"] = restore_elsewhere(config, s, state,
                                                os.path.join(out_dir, "run"), devices)
+  # MoE: experts split 4 ways over `expert`, tokens 2 ways over `data` (and `expert`).
+  for impl in MOE_IMPLS:
+    moe_single = moe_config(impl, SINGLE)
+    _, _, scalars[f"moe_{impl}/single"], a = run_layout(moe_single, devices[:1], batches)
+    arrays.update({f"moe_{impl}/single/{k}": v for k, v in a.items()})
+    _, _, scalars[f"moe_{impl}/expert4_data2"], a = run_layout(
+        moe_config(impl, {"data": 2, "expert": 4}), devices, batches)
+    arrays.update({f"moe_{impl}/expert4_data2/{k}": v for k, v in a.items()})
   # The model with the fused Pallas kernel (interpret mode here) run per shard under shard_map.
   fused = layout_config("polynorm", LAYOUTS["data2_tensor4"])
   fused.model.activation_impl = "pallas"
