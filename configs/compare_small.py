@@ -18,4 +18,9 @@ def get_config():
   c.experiment = ml_collections.ConfigDict()
   c.experiment.activations = ("polynorm", "polyrelu", "swiglu", "gelu", "relu", "relu2")
   c.experiment.seeds = (0, 1)
+  # Downstream zero-shot tasks after each run (eval.py --tasks syntax, e.g. "arc_easy,piqa" with
+  # the TFDS datasets prepared in tasks_data_dir, or "mytask=/path/task.jsonl"); "" = none.
+  c.experiment.tasks = ""
+  c.experiment.tasks_data_dir = ""
+  c.experiment.tasks_limit = 0
   return c

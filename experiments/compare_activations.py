@@ -21,7 +21,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import plotting
-from polycom_jax import evaluation, model as model_lib, train_lib
+from polycom_jax import downstream, evaluation, model as model_lib, train_lib
 from polycom_jax.config_errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/compare_small.py", "Sweep config.")
@@ -35,8 +35,8 @@ def read_jsonl(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def run_one(config, activation: str, seed: int, out: str) -> dict:
-  """Trains (or finishes) one run and evaluates its final checkpoint."""
+def run_one(config, activation: str, seed: int, out: str, tasks: list) -> dict:
+  """Trains (or finishes) one run and evaluates its final checkpoint (and downstream tasks)."""
   c = config.copy_and_resolve_references()
   c.model.activation = activation
   c.seed = seed
@@ -45,7 +45,11 @@ def run_one(config, activation: str, seed: int, out: str) -> dict:
   train_lib.train(c, workdir)
   ev = evaluation.evaluate_checkpoint(c, workdir, with_unigram=False)
   records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-  return {"activation": activation, "seed": seed, "workdir": workdir,
+  downstream_acc = {}
+  if tasks:
+    results = downstream.evaluate_checkpoint(c, workdir, None, tasks)["tasks"]
+    downstream_acc = {name: r["acc_norm"] for name, r in results.items()}
+  return {"downstream": downstream_acc,"activation": activation, "seed": seed, "workdir": workdir,
           "params": model_lib.num_params(model_lib.ModelConfig.from_config(c.model)),
           "train_loss": float(np.mean([r["loss"] for r in records
                                        if r["step"] > 0.9 * c.train.num_steps])),
@@ -68,8 +72,10 @@ def results_table(runs: list[dict]) -> str:
   for r in runs:
     by_act.setdefault(r["activation"], []).append(r)
   rows = sorted(by_act.items(), key=lambda kv: np.mean([r["val_loss"] for r in kv[1]]))
+  task_names = sorted(runs[0]["downstream"])
   lines = ["| activation | train loss | val loss | val perplexity | bits/byte | params | "
-           "tokens/s | seeds |", "|---|---|---|---|---|---|---|---|"]
+           "tokens/s | seeds |" + "".join(f" {t} acc_norm |" for t in task_names),
+           "|---|---|---|---|---|---|---|---|" + "---|" * len(task_names)]
   for act, rs in rows:
     bpb = [r["bits_per_byte"] for r in rs if r["bits_per_byte"] is not None]
     lines.append(
@@ -77,7 +83,8 @@ def results_table(runs: list[dict]) -> str:
         f"{_mean_std([r['val_loss'] for r in rs])} | "
         f"{_mean_std([r['val_perplexity'] for r in rs])} | "
         f"{_mean_std(bpb) if bpb else 'n/a'} | {rs[0]['params']:,} | "
-        f"{np.mean([r['tokens_per_sec'] for r in rs]):,.0f} | {len(rs)} |")
+        f"{np.mean([r['tokens_per_sec'] for r in rs]):,.0f} | {len(rs)} |"
+        + "".join(f" {_mean_std([r['downstream'][t] for r in rs])} |" for t in task_names))
   return "\n".join(lines)
 
 
@@ -88,8 +95,11 @@ def main(argv):
   config, out = _CONFIG.value, _OUT.value
   os.makedirs(out, exist_ok=True)
   try:
-    runs = [run_one(config, act, seed, out)
-            for act in config.experiment.activations for seed in config.experiment.seeds]
+    exp = config.experiment
+    tasks = (downstream.load_tasks(exp.tasks, exp.tasks_data_dir or config.data.data_dir,
+                                   exp.tasks_limit) if exp.tasks else [])
+    runs = [run_one(config, act, seed, out, tasks)
+            for act in exp.activations for seed in exp.seeds]
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 import jax
@@ -109,11 +108,10 @@ def _plain(v):
 
 
 class Progress:
-  """One status line per log with throughput and ETA (a live line on a terminal)."""
+  """One status line per log with the latest metrics and the ETA."""
 
   def __init__(self, total_steps: int, start_step: int):
     self.total, self.start, self.t0 = total_steps, start_step, time.time()
-    self.tty = sys.stdout.isatty()
 
   def line(self, step: int, metrics: dict) -> str:
     done = step - self.start
