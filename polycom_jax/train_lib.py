@@ -245,6 +245,8 @@ def evaluate(s: Setup, eval_step, params, batches: Iterable[dict]) -> dict:
       out = jax.device_get(eval_step(params, global_batch(s, local)))
       for k in totals:
         totals[k] += float(out[k])
+  if hasattr(batches, "close"):
+    batches.close()                  # grain worker processes and their shared memory
   tokens = max(totals["tokens"], 1.0)
   loss = totals["nll"] / tokens
   result = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(totals["tokens"])}
@@ -425,6 +427,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         checkpointer.close()
         writer.close()
         coefficient_writer.close()
+        train_iter.close()
         log(f"received signal {stop.signum}: checkpoint at step {step} written; "
             f"run the same command to resume")
         return {"step": step, "preempted": True, **last}
@@ -432,6 +435,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   checkpointer.close()
   writer.close()
   coefficient_writer.close()
+  train_iter.close()      # stops grain's worker processes and frees their shared memory
   log(f"done: step {step}, checkpoints in {checkpointer.directory}, "
       f"metrics in {os.path.join(workdir, 'metrics.jsonl')}")
   return {"step": step, **last}
