@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import statistics
+import sys
 import time
 
 import jax
@@ -108,13 +109,14 @@ def main(argv=None):
   parser.add_argument("--activations", default=",".join(ACTIVATIONS))
   parser.add_argument("--no_sweep", action="store_true")
   parser.add_argument("--out", default=None, help="append the tables to this markdown file")
+  argv = sys.argv[1:] if argv is None else argv
   args = parser.parse_args(argv)
   preset = PRESETS[args.preset or ("cpu" if jax.default_backend() == "cpu" else "gpu")]
   p = dict(preset)
   seqs, widths = p.pop("seqs"), p.pop("widths")
   batch, seq = p.pop("batch"), p.pop("seq")
   device = jax.devices()[0].device_kind
-  lines = [f"`python -m benchmarks.bench_train_step {' '.join(argv or [])}`".replace("  ", " "),
+  lines = [f"`python -m benchmarks.bench_train_step {' '.join(argv)}`",
            f"({device}, jax {jax.__version__}, {datetime.date.today()}; batch {batch} x seq {seq}, "
            f"{p['num_layers']} layers, d_model {p['d_model']}, median of {args.steps} steps)", "",
            "| activation | params | step (ms) | tokens/s | MFU | compile (s) | peak memory (MiB) |",
@@ -135,7 +137,7 @@ def main(argv=None):
                 f"| {name} | polynorm step (ms) | swiglu step (ms) | polynorm peak (MiB) | "
                 "swiglu peak (MiB) |", "|---|---|---|---|---|"]
       for v in values:
-        q = dict(p, seq=seq, **{key: v})
+        q = {**p, "seq": seq, key: v}
         if key == "d_model":
           q["ungated_d_ff"] = int(p["ungated_d_ff"] * v / p["d_model"]) // 64 * 64
         s = q.pop("seq")

@@ -18,7 +18,6 @@ as in the paper's OLMoE code; `activation_per_expert=True` gives each expert its
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from polycom_jax import activations
+from polycom_jax.sharding import active_layout
 
 MOE_IMPLS = ("ragged", "capacity")
 
@@ -75,9 +75,6 @@ class MoE(nnx.Module):
       self.w_gate = _param(rngs, (e, d, f), ("expert", "embed", "mlp"), std, pd)
     self.w_down = _param(rngs, (e, f, d), ("expert", "mlp", "embed"), std, pd)
     if self.spec.has_params and c.activation_per_expert:
-      self.act_apply = functools.partial(
-          activations.poly_norm if self.spec.name == "polynorm" else activations.poly_relu,
-          impl=c.activation_impl)
       r = c.activation_order
       self.act_weight = nnx.Param(jnp.full((e, r), 1.0 / r, jnp.float32),
                                   out_sharding=("expert", None), eager_sharding=False)
@@ -86,10 +83,23 @@ class MoE(nnx.Module):
     else:
       self.act = self.spec.make(order=c.activation_order, impl=c.activation_impl)
 
+  def _polycom(self, h: jax.Array, weight: jax.Array, bias: jax.Array) -> jax.Array:
+    """PolyNorm / PolyReLU with these coefficients. XLA cannot partition a Pallas call and the
+    expert rows have no fixed layout to shard_map over, so under a multi-device mesh the
+    custom-VJP jnp path (which GSPMD partitions) replaces the fused kernel here."""
+    impl = activations.resolve_impl(self.c.activation_impl)
+    if impl == "pallas" and active_layout(("activation_batch",)) is not None:
+      impl = "xla"
+    if self.spec.name == "polynorm":
+      return activations.poly_norm(h, weight, bias, impl=impl)
+    return activations.poly_relu(h, weight, bias, impl=impl)
+
   def _activate(self, h: jax.Array, expert_of_row: jax.Array) -> jax.Array:
     """The activation on hidden rows h [R, F]; per-expert coefficients picked by row."""
-    if not (self.spec.has_params and self.c.activation_per_expert):
+    if not self.spec.has_params:
       return self.act(h)
+    if not self.c.activation_per_expert:
+      return self._polycom(h, self.act.weight[...], self.act.bias[...])
     w = self.act_weight[...][expert_of_row]                             # [R, r]
     b = self.act_bias[...][expert_of_row]                               # [R, 1]
     # PolyCom is linear in its coefficients: sum_i w[i] * (the activation with weight e_i).
@@ -97,7 +107,7 @@ class MoE(nnx.Module):
     y = b.astype(h.dtype)
     for i in range(r):
       unit = jnp.zeros((r,), jnp.float32).at[i].set(1.0)
-      y = y + w[:, i:i + 1].astype(h.dtype) * self.act_apply(h, unit, zero)
+      y = y + w[:, i:i + 1].astype(h.dtype) * self._polycom(h, unit, zero)
     return y
 
   def _expert_mlp_ragged(self, xs: jax.Array, group_sizes: jax.Array, expert_of_row):

@@ -231,6 +231,11 @@ def layouts(out_dir: str, batches_npz: str):
     _, _, scalars[f"moe_{impl}/expert4_data2"], a = run_layout(
         moe_config(impl, {"data": 2, "expert": 4}), devices, batches)
     arrays.update({f"moe_{impl}/expert4_data2/{k}": v for k, v in a.items()})
+  # activation_impl="pallas" in MoE under a mesh (it must fall back to the partitionable path).
+  fused_moe = moe_config("ragged", {"data": 2, "expert": 4})
+  fused_moe.model.activation_impl = "pallas"
+  _, _, scalars["moe_ragged/expert4_data2_pallas"], a = run_layout(fused_moe, devices, batches)
+  arrays.update({f"moe_ragged/expert4_data2_pallas/{k}": v for k, v in a.items()})
   # The model with the fused Pallas kernel (interpret mode here) run per shard under shard_map.
   fused = layout_config("polynorm", LAYOUTS["data2_tensor4"])
   fused.model.activation_impl = "pallas"
