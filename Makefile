@@ -4,11 +4,13 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# libtpu (a tool/test extra for compiling for TPU topologies) lives in its own venv.
+TPU_VENV ?= .venv-tpu
 WORKDIR ?= workdirs/default
 CONFIG ?= configs/default.py
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
 
-.PHONY: venv train test
+.PHONY: venv tpu-venv train test
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,9 +20,16 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 venv: $(VENV)/.installed
 
+$(TPU_VENV)/.installed: requirements.txt requirements-tpu.txt
+	$(PYTHON) -m venv $(TPU_VENV)
+	$(TPU_VENV)/bin/python -m pip install -q -r requirements-tpu.txt
+	touch $@
+
+tpu-venv: $(TPU_VENV)/.installed
+
 train: venv
 	$(PY) train.py --config=$(CONFIG) --workdir=$(WORKDIR)
 	$(PY) eval.py --config=$(CONFIG) --workdir=$(WORKDIR)
 
-test: venv
-	$(PY) -m pytest -q tests
+test: venv tpu-venv
+	POLYCOM_TPU_PYTHON=$(CURDIR)/$(TPU_VENV)/bin/python $(PY) -m pytest -q tests

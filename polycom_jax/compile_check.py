@@ -1,0 +1,280 @@
+"""Compile a config's real sharded train and eval steps for a TPU topology, without the TPU.
+
+  python -m polycom_jax.compile_check --config=configs/paper_dense_1b.py --topology=v5p:2x2x4 \
+      [--config.a.b=v ...] [--skip_eval]
+
+With libtpu installed (`pip install "jax[tpu]==<jax version>"`, best in a separate venv: it is a
+tool/test extra, not a runtime requirement), JAX describes a named TPU slice on a plain CPU
+machine (jax.experimental.topologies) and compiles for it with the real TPU compiler (XLA TPU +
+Mosaic for the Pallas kernels). This builds the mesh from the slice's devices with the config's
+parallelism, lowers and compiles the train step (and the eval step) from abstract shapes only,
+and prints per-chip memory against the chip's HBM, XLA's cost analysis, the model FLOPs from
+the exact formula and the compile times. Exit status: 0 fits, 1 does not fit (or the compiler
+ran out of memory), 2 bad config / topology / libtpu missing.
+
+For the target backend, "auto" settings resolve as on a TPU: config.model.activation_impl
+"auto" -> "pallas" (so the fused kernels go through the Mosaic compile) and dtype "auto" ->
+"bfloat16". config.data.tokenizer falls back to the byte tokenizer when no tokenizer_path is
+given (only the vocabulary size check and the eval step's byte table use it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+
+# Compile on this (CPU) machine; several libtpu users at once (tests, parallel checks) need
+# libtpu's single-process lock relaxed.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+from absl import app, flags
+from ml_collections import config_flags
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from polycom_jax.config_errors import ConfigError
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.",
+                                          lock_config=True)
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "TPU slice, e.g. v5p:2x2x2 (8 chips), v5e:4x4 (16), v4:2x2x2, v6e:2x2.",
+    required=True)
+_SKIP_EVAL = flags.DEFINE_bool("skip_eval", False, "Compile the train step only.")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the numbers (bytes) to this file.")
+
+GiB = 2 ** 30
+# HBM per chip by jax device_kind.
+HBM_BYTES = {
+    "TPU v4": 32 * GiB,
+    "TPU v5 lite": 16 * GiB,     # v5e
+    "TPU v5e": 16 * GiB,
+    "TPU v5": 95 * GiB,          # v5p
+    "TPU v5p": 95 * GiB,
+    "TPU v6 lite": 32 * GiB,     # v6e (Trillium)
+    "TPU v6e": 32 * GiB,
+    "TPU v4 lite": 8 * GiB,      # v4i
+}
+
+
+def install_hint() -> str:
+  return (f'compiling for a TPU topology needs libtpu: pip install "jax[tpu]=={jax.__version__}" '
+          "(a separate venv is recommended, e.g. python -m venv .venv-tpu && "
+          ".venv-tpu/bin/pip install -r requirements-tpu.txt; it is a tool/test extra, not a "
+          "runtime requirement)")
+
+
+def get_topology_devices(name: str) -> list:
+  """The devices of a named TPU slice; ConfigError when libtpu is missing or the name is bad."""
+  try:
+    import libtpu  # noqa: F401
+  except ImportError:
+    raise ConfigError(install_hint()) from None
+  from jax.experimental import topologies
+  try:
+    topo = topologies.get_topology_desc(platform="tpu", topology_name=name)
+  except Exception as e:  # noqa: BLE001 - XLA raises several types for bad names
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise ConfigError(f"--topology={name!r}: cannot describe this TPU slice ({msg}). "
+                      "Names look like v5p:2x2x2, v5e:4x4, v4:2x2x2, v6e:2x2.") from None
+  return list(topo.devices)
+
+
+def prepare_config(config):
+  """Resolves "auto" settings as on a TPU and avoids needing a tokenizer file."""
+  with config.unlocked():
+    if config.model.get("activation_impl", "auto") == "auto":
+      config.model.activation_impl = "pallas"
+    if config.model.get("dtype", "auto") == "auto":
+      config.model.dtype = "bfloat16"
+    if config.data.tokenizer != "byte" and not config.data.tokenizer_path:
+      config.data.tokenizer = "byte"
+  return config
+
+
+def per_chip_bytes(tree) -> int:
+  """Bytes one chip holds of a tree of sharded ShapeDtypeStructs (the largest shard)."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+    total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def abstract_batch(s, batch_size: int) -> dict:
+  seq = s.config.data.seq_len
+  dtypes = {"inputs": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32,
+            "segment_ids": jnp.int32, "positions": jnp.int32}
+  return {k: jax.ShapeDtypeStruct((batch_size, seq), dtypes[k], sharding=s.batch_sharding)
+          for k in dtypes}
+
+
+def _cost(compiled) -> dict:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return dict(cost or {})
+
+
+@dataclasses.dataclass
+class StepReport:
+  name: str
+  compile_s: float
+  argument: int
+  output: int
+  alias: int
+  temp: int
+  code: int
+  flops: float
+  bytes_accessed: float
+  mosaic_kernels: int      # Pallas TPU kernels (Mosaic custom calls) in the compiled step
+  oom: str = ""            # the TPU compiler's out-of-memory message, when it gave up
+
+  @property
+  def total(self) -> int:
+    return self.argument + self.output - self.alias + self.temp + self.code
+
+  def fits(self, hbm) -> bool:
+    return not self.oom and (hbm is None or self.total <= hbm)
+
+
+def _oom_temp_bytes(message: str) -> int:
+  """Temp bytes from the TPU compiler's out-of-memory message, 0 if it does not say."""
+  m = re.search(r"(?:HLO temporaries|Used) \(?([0-9.]+)([KMGT])", message)
+  return int(float(m[1]) * 1024 ** " KMGT".index(m[2])) if m else 0
+
+
+def compile_step(name: str, jitted, *args, argument_bytes: int = 0) -> StepReport:
+  """Compiles; when the compiler runs out of HBM, a report with its numbers (argument_bytes:
+  the per-chip inputs, known from the shardings) and the message."""
+  t0 = time.perf_counter()
+  try:
+    compiled = jitted.lower(*args).compile()
+  except Exception as e:  # noqa: BLE001 - XlaRuntimeError
+    text = str(e)
+    if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
+      raise
+    line = next((l for l in text.splitlines() if "Ran out of memory" in l or "Used" in l),
+                text.splitlines()[0])
+    nan = float("nan")
+    return StepReport(name, time.perf_counter() - t0, argument_bytes, 0, 0,
+                      _oom_temp_bytes(line), 0, nan, nan, 0, oom=line.strip()[:500])
+  dt = time.perf_counter() - t0
+  m = compiled.memory_analysis()
+  cost = _cost(compiled)
+  return StepReport(name, dt, m.argument_size_in_bytes, m.output_size_in_bytes,
+                    m.alias_size_in_bytes, m.temp_size_in_bytes,
+                    m.generated_code_size_in_bytes, float(cost.get("flops", float("nan"))),
+                    float(cost.get("bytes accessed", float("nan"))),
+                    compiled.as_text().count('custom_call_target="tpu_custom_call"'))
+
+
+def run(config, topology: str, skip_eval: bool = False, out=sys.stdout) -> dict:
+  """Compiles and reports; returns the numbers. Raises ConfigError for bad input."""
+  from polycom_jax import model as model_lib
+  from polycom_jax import train_lib
+
+  devices = get_topology_devices(topology)
+  kind = devices[0].device_kind
+  config = prepare_config(config)
+  try:
+    s = train_lib.setup(config, devices=devices)
+  except ConfigError as e:
+    raise ConfigError(f"--topology={topology} has {len(devices)} chips ({kind}) but the "
+                      f"config's mesh does not fit them: {e}") from None
+  mc = s.model_config
+  hbm = HBM_BYTES.get(kind)
+  n = len(devices)
+  params_b = per_chip_bytes(s.abstract_state["params"])
+  opt_b = per_chip_bytes(s.abstract_state["opt_state"]) + per_chip_bytes(s.abstract_state["step"])
+  t = config.train
+  train_step = train_lib.make_train_step(s)
+  # Built outside the mesh context: its byte table is a host constant, not a TPU array.
+  eval_step = None if skip_eval else train_lib.make_eval_step(s)
+  with jax.set_mesh(s.mesh):
+    batch = abstract_batch(s, t.global_batch_size)
+    reports = [compile_step("train", train_step, s.abstract_state, batch,
+                            argument_bytes=params_b + opt_b + per_chip_bytes(batch))]
+    if eval_step is not None:
+      eval_batch = abstract_batch(s, config.eval.batch_size)
+      reports.append(compile_step("eval", eval_step, s.abstract_state["params"], eval_batch,
+                                  argument_bytes=params_b + per_chip_bytes(eval_batch)))
+  seq = config.data.seq_len
+  model_flops = model_lib.flops_per_token(mc, seq) * t.global_batch_size * seq / n
+  result = {"topology": topology, "device_kind": kind, "num_chips": n,
+            "mesh": dict(s.mesh.shape), "hbm_bytes": hbm, "param_bytes": params_b,
+            "opt_state_bytes": opt_b, "num_params": model_lib.num_params(mc),
+            "model_flops_per_chip": model_flops,
+            "steps": {r.name: dataclasses.asdict(r) | {"total": r.total} for r in reports}}
+  result["fits"] = all(r.fits(hbm) for r in reports)
+
+  g = lambda b: f"{b / GiB:.2f} GiB" if b >= GiB else f"{b / 2**20:.2f} MiB"
+  w = lambda line="": print(line, file=out)
+  mesh = ", ".join(f"{a}={v}" for a, v in s.mesh.shape.items() if v > 1) or "1 device"
+  w(f"## compile check: {topology} ({n} x {kind}, HBM {g(hbm) if hbm else 'unknown'} per chip)")
+  w(f"mesh ({mesh}); model {model_lib.num_params(mc) / 1e6:.1f}M params, "
+    f"{mc.num_layers} layers, activation {mc.activation} ({mc.activation_impl}), dtype "
+    f"{mc.dtype}, remat {mc.remat}; global batch {t.global_batch_size} x seq {seq} "
+    f"(micro-batch {t.micro_batch_size or 'none'})")
+  w()
+  w("| per chip | " + " | ".join(r.name for r in reports) + " |")
+  w("|---|" + "---:|" * len(reports))
+  rows = [
+      ("parameters", [g(params_b)] * len(reports)),
+      ("optimizer state", [g(opt_b)] + [g(0)] * (len(reports) - 1)),
+      ("arguments (state + batch)", [g(r.argument) for r in reports]),
+      ("outputs not aliased to inputs", [g(r.output - r.alias) for r in reports]),
+      ("activations / temp", [g(r.temp) for r in reports]),
+      ("total", [g(r.total) + (" + (compiler out of memory)" if r.oom else "")
+                 for r in reports]),
+      ("HBM", [g(hbm) if hbm else "?" for r in reports]),
+      ("fits", ["yes" if r.fits(hbm) else "NO" for r in reports]),
+      ("XLA FLOPs", [f"{r.flops:.3e}" if not r.oom else "-" for r in reports]),
+      ("XLA bytes accessed", [f"{r.bytes_accessed:.3e}" if not r.oom else "-" for r in reports]),
+      ("model FLOPs (6N + attention)", [f"{model_flops:.3e}", f"{model_flops / 3:.3e}"]
+       [:len(reports)]),
+      ("Pallas (Mosaic) kernel calls", [str(r.mosaic_kernels) for r in reports]),
+      ("compile time", [f"{r.compile_s:.1f} s" for r in reports]),
+  ]
+  for label, vals in rows:
+    w(f"| {label} | " + " | ".join(vals) + " |")
+  for r in reports:
+    if r.oom:
+      w(f"{r.name}: the TPU compiler ran out of HBM: {r.oom}")
+  return result
+
+
+def main(argv):
+  del argv
+  try:
+    result = run(_CONFIG.value, _TOPOLOGY.value, _SKIP_EVAL.value)
+    if _JSON_OUT.value:
+      with open(_JSON_OUT.value, "w") as f:
+        json.dump(result, f, indent=1)
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except Exception as e:  # noqa: BLE001
+    text = str(e)
+    if "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text:
+      print(f"error: does not fit: the TPU compiler ran out of memory for {_TOPOLOGY.value}:\n"
+            f"{text[:3000]}", file=sys.stderr)
+      sys.exit(1)
+    raise
+  if not result["fits"]:
+    worst = max(s["total"] for s in result["steps"].values())
+    print(f"error: does not fit: {worst / GiB:.2f} GiB per chip needed"
+          f"{' or more (the compiler gave up)' if any(s['oom'] for s in result['steps'].values()) else ''}, "
+          f"{result['hbm_bytes'] / GiB:.2f} GiB HBM on {result['device_kind']}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)

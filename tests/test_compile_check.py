@@ -1,0 +1,165 @@
+"""polycom_jax.compile_check: compiling for real TPU topologies on this CPU machine.
+
+libtpu is a tool/test extra, never installed into the main venv (it must not change the CPU
+behaviour of the other tests): these tests run the tool in a subprocess with the interpreter of
+a separate venv, $POLYCOM_TPU_PYTHON (default .venv-tpu/bin/python, which `make test` creates
+from requirements-tpu.txt), and skip when it does not exist. The no-libtpu test uses this
+interpreter (the main venv).
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import tiny
+from polycom_jax import model as model_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TPU_PYTHON = os.environ.get("POLYCOM_TPU_PYTHON", os.path.join(ROOT, ".venv-tpu", "bin", "python"))
+needs_libtpu = pytest.mark.skipif(
+    not os.path.exists(TPU_PYTHON),
+    reason=f"no libtpu venv at {TPU_PYTHON} (make test creates .venv-tpu from "
+           "requirements-tpu.txt; or set POLYCOM_TPU_PYTHON)")
+
+
+def _env():
+  env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+def run_tool(*args, python=TPU_PYTHON, json_out=None):
+  cmd = [python, "-m", "polycom_jax.compile_check", "--config=configs/tiny.py", *args]
+  if json_out:
+    cmd.append(f"--json_out={json_out}")
+  return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+
+
+def tiny_param_bytes(fsdp: int) -> int:
+  """Per-chip parameter bytes, computed independently of jax's sharding machinery: each
+  parameter's dims named `embed` (the FSDP rule) are split fsdp ways, float32."""
+  mc = model_lib.ModelConfig.from_config(tiny.get_config().model)
+  abstract = nnx.eval_shape(lambda: model_lib.Transformer(mc, nnx.Rngs(0)))
+  total = 0
+  for _, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+    shape = list(var.get_value().shape)
+    names = var.get_metadata().get("out_sharding") or ()
+    for i, name in enumerate(names):
+      if name == "embed":
+        assert shape[i] % fsdp == 0
+        shape[i] //= fsdp
+    total += math.prod(shape) * 4
+  return total
+
+
+@needs_libtpu
+def test_tiny_compiles_for_v5p_with_fsdp(tmp_path):
+  out = tmp_path / "r.json"
+  proc = run_tool("--topology=v5p:2x2x1", "--config.mesh.data=1", "--config.mesh.fsdp=-1",
+                  json_out=out)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = json.loads(out.read_text())
+  assert r["num_chips"] == 4 and r["device_kind"] == "TPU v5" and r["mesh"]["fsdp"] == 4
+  assert r["fits"] and set(r["steps"]) == {"train", "eval"}
+  assert r["param_bytes"] == tiny_param_bytes(fsdp=4)
+  assert r["param_bytes"] < model_lib.num_params(
+      model_lib.ModelConfig.from_config(tiny.get_config().model)) * 4
+  assert r["opt_state_bytes"] >= 2 * r["param_bytes"]          # Adam's mu and nu
+  train = r["steps"]["train"]
+  assert train["flops"] > 0 and train["temp"] > 0 and train["compile_s"] > 0
+  assert train["mosaic_kernels"] > 0          # the fused PolyNorm went through Mosaic
+  for label in ("parameters", "optimizer state", "activations / temp", "XLA FLOPs",
+                "model FLOPs", "compile time", "| fits | yes"):
+    assert label in proc.stdout
+
+
+@needs_libtpu
+def test_tiny_compiles_for_v5e_replicated(tmp_path):
+  out = tmp_path / "r.json"
+  proc = run_tool("--topology=v5e:2x2", "--skip_eval", json_out=out)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = json.loads(out.read_text())
+  assert r["num_chips"] == 4 and r["device_kind"] == "TPU v5 lite"
+  assert r["hbm_bytes"] == 16 * 2**30 and r["fits"]
+  # Pure data parallel (tiny's mesh): every chip holds all the parameters.
+  mc = model_lib.ModelConfig.from_config(tiny.get_config().model)
+  assert r["param_bytes"] == model_lib.num_params(mc) * 4 == tiny_param_bytes(fsdp=1)
+  assert set(r["steps"]) == {"train"}
+
+
+@needs_libtpu
+def test_does_not_fit_exits_1(tmp_path):
+  # ~4.3 GB of float32 embedding (+ Adam state x3) replicated per chip > 16 GiB of v5e HBM.
+  proc = run_tool("--topology=v5e:2x2", "--skip_eval", "--config.model.vocab_size=1048576",
+                  "--config.model.d_model=1024", "--config.model.num_heads=8",
+                  "--config.model.ungated_d_ff=128")
+  assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+  assert "does not fit" in proc.stderr
+
+
+@needs_libtpu
+def test_mesh_device_count_mismatch_names_both():
+  proc = run_tool("--topology=v5p:2x2x1", "--config.mesh.data=1", "--config.mesh.fsdp=3")
+  assert proc.returncode == 2
+  assert "4 chips" in proc.stderr and "fsdp=3" in proc.stderr and "needs 3" in proc.stderr
+
+
+@needs_libtpu
+def test_bad_topology_name():
+  proc = run_tool("--topology=v5p:banana")
+  assert proc.returncode == 2 and "v5p:banana" in proc.stderr
+
+
+KERNEL_SCRIPT = textwrap.dedent("""
+    import os, sys
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.experimental import topologies
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from polycom_jax import kernels
+    topo = topologies.get_topology_desc(platform="tpu", topology_name=sys.argv[1])
+    rep = NamedSharding(Mesh(np.array(topo.devices[:1]), ("x",)), P())
+    x = jax.ShapeDtypeStruct((256, 1024), jnp.bfloat16, sharding=rep)
+    w = jax.ShapeDtypeStruct((3,), jnp.float32, sharding=rep)
+    b = jax.ShapeDtypeStruct((1,), jnp.float32, sharding=rep)
+    fns = {"norm": lambda x, w, b: kernels.poly_norm(x, w, b, 1e-6, impl="pallas"),
+           "relu": lambda x, w, b: kernels.poly_relu(x, w, b, impl="pallas")}
+    for name, f in fns.items():
+      g = jax.grad(lambda x, w, b: jnp.sum(f(x, w, b).astype(jnp.float32) ** 2), argnums=(0, 1, 2))
+      for kind, fn in (("fwd", f), ("bwd", g)):
+        c = jax.jit(fn).lower(x, w, b).compile()
+        n = c.as_text().count('custom_call_target="tpu_custom_call"')
+        print(name, kind, n, topo.devices[0].device_kind, flush=True)
+""")
+
+
+@needs_libtpu
+@pytest.mark.parametrize("topology", ["v5p:2x2x1", "v5e:2x2"])
+def test_fused_kernels_compile_with_mosaic(topology):
+  proc = subprocess.run([TPU_PYTHON, "-c", KERNEL_SCRIPT, topology], cwd=ROOT, env=_env(),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = [l.split() for l in proc.stdout.splitlines() if l.split()[:1] in (["norm"], ["relu"])]
+  assert {(l[0], l[1]) for l in lines} == {("norm", "fwd"), ("norm", "bwd"), ("relu", "fwd"),
+                                           ("relu", "bwd")}
+  for l in lines:
+    assert int(l[2]) >= 1, l        # a Mosaic kernel in each compiled function
+
+
+def test_without_libtpu_says_how_to_install():
+  try:
+    import libtpu  # noqa: F401
+    pytest.skip("libtpu is importable in this interpreter")
+  except ImportError:
+    pass
+  proc = run_tool("--topology=v5p:2x2x1", python=sys.executable)
+  assert proc.returncode == 2
+  assert f'pip install "jax[tpu]=={jax.__version__}"' in proc.stderr
