@@ -11,14 +11,10 @@ eval.py evaluates it with the same --config. --model_from_hf takes config.model 
 config.json instead of --config and prints the overrides train.py / eval.py then need.
 """
 
-import sys
-
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from polycom_jax import distributed, interop
-from polycom_jax.checkpoint import CheckpointError
-from polycom_jax.config_errors import ConfigError
+from polycom_jax import cli, distributed, interop
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.",
                                           lock_config=True)
@@ -56,21 +52,15 @@ def _import(config) -> str:
 
 def main(argv):
   del argv
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)   # Orbax logs every save step at INFO
-  try:
-    distributed.initialize()
-    if _DIRECTION.value == "export":
-      step = interop.export_checkpoint(_CONFIG.value, _WORKDIR.value, _HF_DIR.value, _STEP.value)
-      print(f"exported step {step} of {_WORKDIR.value} to {_HF_DIR.value}")
-    else:
-      print(_import(_CONFIG.value))
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except CheckpointError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  cli.run(_convert)
+
+
+def _convert():
+  if _DIRECTION.value == "export":
+    step = interop.export_checkpoint(_CONFIG.value, _WORKDIR.value, _HF_DIR.value, _STEP.value)
+    print(f"exported step {step} of {_WORKDIR.value} to {_HF_DIR.value}")
+  else:
+    print(_import(_CONFIG.value))
 
 
 if __name__ == "__main__":

@@ -10,14 +10,10 @@ unigram_loss) and prints a summary. With --tasks, also zero-shot multiple-choice
 (polycom_jax/downstream) in WORKDIR/eval/downstream_step_<N>.json, printed as a table.
 """
 
-import sys
-
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from polycom_jax import distributed, downstream, evaluation
-from polycom_jax.checkpoint import CheckpointError
-from polycom_jax.config_errors import ConfigError
+from polycom_jax import cli, distributed, downstream, evaluation
 from polycom_jax.data import resolve_data_dir
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.",
@@ -40,30 +36,24 @@ distributed.define_flags()
 
 def main(argv):
   del argv
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)   # Orbax logs every save step at INFO
-  try:
-    distributed.initialize()
-    tasks = downstream.load_tasks(                   # bad task data fails before compiling
-        _TASKS.value, _TASKS_DATA_DIR.value or resolve_data_dir(_CONFIG.value.data),
-        _TASKS_LIMIT.value) if _TASKS.value else []
-    result = evaluation.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _STEP.value)
-    print(evaluation.format_summary(result))
-    if tasks:
-      scores = downstream.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, result["step"], tasks)
-      print(downstream.format_table(scores["tasks"]))
-      if "path" in scores:
-        print(f"written to {scores['path']}")
-    if _SAMPLE.value:
-      s, params, _ = evaluation.restore_params(_CONFIG.value, _WORKDIR.value, result["step"])
-      text = evaluation.generate(s, params, _PROMPT.value, _MAX_NEW.value, _TEMPERATURE.value)
-      print(f"--- sample ---\n{_PROMPT.value}{text}")
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except CheckpointError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  cli.run(_evaluate)
+
+
+def _evaluate():
+  tasks = downstream.load_tasks(                     # bad task data fails before compiling
+      _TASKS.value, _TASKS_DATA_DIR.value or resolve_data_dir(_CONFIG.value.data),
+      _TASKS_LIMIT.value) if _TASKS.value else []
+  result = evaluation.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _STEP.value)
+  print(evaluation.format_summary(result))
+  if tasks:
+    scores = downstream.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, result["step"], tasks)
+    print(downstream.format_table(scores["tasks"]))
+    if "path" in scores:
+      print(f"written to {scores['path']}")
+  if _SAMPLE.value:
+    s, params, _ = evaluation.restore_params(_CONFIG.value, _WORKDIR.value, result["step"])
+    text = evaluation.generate(s, params, _PROMPT.value, _MAX_NEW.value, _TEMPERATURE.value)
+    print(f"--- sample ---\n{_PROMPT.value}{text}")
 
 
 if __name__ == "__main__":

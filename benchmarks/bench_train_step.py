@@ -20,7 +20,6 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 
 from polycom_jax import metrics as metrics_lib

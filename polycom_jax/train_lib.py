@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
 from polycom_jax import checkpoint as ckpt_lib
 from polycom_jax import data as data_lib
