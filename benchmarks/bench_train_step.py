@@ -16,10 +16,10 @@ import datetime
 import statistics
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
 from polycom_jax import metrics as metrics_lib
@@ -39,19 +39,19 @@ PRESETS = {
 
 def model_config(activation: str, d_model: int, num_layers: int, num_heads: int,
                  ungated_d_ff: int, seq: int, impl: str) -> model_lib.ModelConfig:
-  m = ml_collections.ConfigDict(dict(
+  m = dict(
       vocab_size=32000 if d_model >= 1024 else 512, d_model=d_model, num_layers=num_layers,
       num_heads=num_heads, num_kv_heads=num_heads, head_dim=0, activation=activation,
       activation_impl=impl, ungated_d_ff=ungated_d_ff, d_ff=0, d_ff_multiple_of=128,
-      max_seq_len=seq, dtype="auto"))
+      max_seq_len=seq, dtype="auto")
   return model_lib.ModelConfig.from_config(m)
 
 
 def make_step(mc: model_lib.ModelConfig):
   """(state, jitted step) with AdamW, as in training (no data pipeline)."""
-  train = ml_collections.ConfigDict(dict(learning_rate=1e-4, min_learning_rate=1e-5,
-                                         warmup_steps=10, num_steps=1000, grad_clip=1.0,
-                                         b1=0.9, b2=0.95, adam_eps=1e-8, weight_decay=0.1))
+  train = types.SimpleNamespace(learning_rate=1e-4, min_learning_rate=1e-5, warmup_steps=10,
+                                num_steps=1000, grad_clip=1.0, b1=0.9, b2=0.95, adam_eps=1e-8,
+                                weight_decay=0.1)
   tx = opt_lib.make_optimizer(train)
   model = model_lib.Transformer(mc, nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)

@@ -15,7 +15,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
 from polycom_jax import activations
@@ -78,8 +77,8 @@ class ModelConfig:
     return DTYPES[self.dtype]
 
   @classmethod
-  def from_config(cls, model: ml_collections.ConfigDict) -> ModelConfig:
-    """Resolves config.model (d_ff, head_dim and dtype "auto") into a validated ModelConfig."""
+  def from_config(cls, model: Any) -> ModelConfig:
+    """Resolves config.model (a ConfigDict or a dict) (d_ff, head_dim and dtype "auto") into a validated ModelConfig."""
     m = dict(model.to_dict() if hasattr(model, "to_dict") else model)
     act = activations.get(m.get("activation", "polynorm"))
     _require(m.get("num_heads", 0) > 0, "config.model.num_heads", "must be > 0")
