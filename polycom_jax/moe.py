@@ -56,16 +56,11 @@ def router_z_loss(logits: jax.Array) -> jax.Array:
   return jnp.mean(jnp.square(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)))
 
 
-def _param(rngs, shape, names, std, dtype):
-  value = std * jax.random.normal(rngs.params(), shape, dtype)
-  return nnx.Param(value, out_sharding=names, eager_sharding=False)
-
-
 class MoE(nnx.Module):
   """Token-choice top-k MoE MLP: x [B, T, D] -> [B, T, D]."""
 
   def __init__(self, c, rngs: nnx.Rngs):
-    from polycom_jax.model import DTYPES  # model imports this module lazily
+    from polycom_jax.model import DTYPES, _param  # model imports this module lazily
     self.c = c
     self.spec = activations.get(c.activation)
     pd, std, e, d, f = DTYPES[c.param_dtype], c.init_std, c.num_experts, c.d_model, c.moe_d_ff
