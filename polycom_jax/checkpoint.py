@@ -23,7 +23,7 @@ from polycom_jax.config_errors import ConfigError
 
 # Config fields that must agree between a checkpoint and the run restoring it (the params'
 # shapes and meaning depend on them). Everything else (steps, lr, mesh, ...) may change.
-MODEL_FIELDS_EXEMPT = ("activation_impl", "attention_impl", "remat", "dtype", "scan_layers",
+MODEL_FIELDS_EXEMPT = ("activation_impl", "attention_impl", "remat", "dtype",
                        "moe_impl", "moe_capacity_factor")
 
 

@@ -142,6 +142,8 @@ def _set(tree: dict, path: tuple, value: Any):
 
 def to_hf_state_dict(params: Mapping, mc: model_lib.ModelConfig) -> dict[str, Any]:
   """Hugging Face name -> array, from params as a nested dict (nnx.to_pure_dict's layout)."""
+  if mc.scan_layers:
+    params = model_lib.unstack_layers(params)
   return {name: fwd(_get(params, path)) for name, path, fwd, _ in tensor_rules(mc)}
 
 
@@ -180,7 +182,7 @@ def from_hf_state_dict(tensors: Mapping[str, np.ndarray], mc: model_lib.ModelCon
   params: dict = {}
   for name, path, _, inv in tensor_rules(mc):
     _set(params, path, np.asarray(inv(tensors[name]), dtype))
-  return params
+  return model_lib.stack_layers(params) if mc.scan_layers else params
 
 
 # ------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from polycom_jax import activations
@@ -301,7 +302,16 @@ class Transformer(nnx.Module):
     self.c = c
     pd = DTYPES[c.param_dtype]
     self.embed = _param(rngs, (c.vocab_size, c.d_model), ("vocab", "embed"), c.init_std, pd)
-    self.layers = nnx.List([Block(c, rngs) for _ in range(c.num_layers)])
+    if c.scan_layers:
+      # One Block whose parameters carry a leading [num_layers] axis, logically named "layers"
+      # (replicated by the default rules); __call__ scans over it.
+      @nnx.split_rngs(splits=c.num_layers)
+      @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def stacked_blocks(rngs: nnx.Rngs) -> Block:
+        return Block(c, rngs)
+      self.layers = stacked_blocks(rngs)
+    else:
+      self.layers = nnx.List([Block(c, rngs) for _ in range(c.num_layers)])
     self.final_norm = RMSNorm(c.d_model, c.norm_eps, c.compute_dtype, pd)
     if not c.tie_embeddings:
       self.lm_head = _param(rngs, (c.d_model, c.vocab_size), ("embed", "vocab"), c.init_std, pd)
@@ -315,27 +325,71 @@ class Transformer(nnx.Module):
       start = 0 if cache_index is None else cache_index
       positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1]), tokens.shape)
     x = constrain(jnp.take(self.embed[...], tokens, axis=0).astype(dt), RESIDUAL)  # [B, T, D]
-    new_cache = []
-    for i, layer in enumerate(self.layers):
-      if cache is None and c.remat != "none":
-        x, _ = nnx.remat(lambda blk, y: blk(y, positions, segment_ids),
-                         policy=_remat_policy(c.remat))(layer, x)
-      else:
-        x, layer_cache = layer(x, positions, segment_ids,
-                               None if cache is None else cache[i], cache_index)
-        new_cache.append(layer_cache)
-      x = constrain(x, RESIDUAL)
+    if c.scan_layers:
+      x, new_cache = self._scan_layers(x, positions, segment_ids, cache, cache_index)
+    else:
+      new_cache = []
+      for i, layer in enumerate(self.layers):
+        if cache is None and c.remat != "none":
+          x, _ = nnx.remat(lambda blk, y: blk(y, positions, segment_ids),
+                           policy=_remat_policy(c.remat))(layer, x)
+        else:
+          x, layer_cache = layer(x, positions, segment_ids,
+                                 None if cache is None else cache[i], cache_index)
+          new_cache.append(layer_cache)
+        x = constrain(x, RESIDUAL)
     x = self.final_norm(x)
     head = self.embed[...].T if c.tie_embeddings else self.lm_head[...]
     logits = constrain((x @ head.astype(dt)).astype(jnp.float32), LOGITS)  # [B, T, V]
     return logits if cache is None else (logits, new_cache)
 
+  def _scan_layers(self, x, positions, segment_ids, cache, cache_index):
+    """The stacked blocks applied in turn by one lax.scan: the step compiles one block, not
+    num_layers of them. Router statistics (MoE) come back stacked [num_layers]."""
+    c = self.c
+    block_def, block_state = nnx.split(self.layers)     # every leaf [num_layers, ...]
 
-def init_cache(c: ModelConfig, batch: int, max_len: int) -> list[dict]:
-  """Zeroed key/value cache for decoding: per layer k, v of [B, max_len, kv_heads, head_dim]."""
+    def body(x, layer):
+      state, layer_cache = layer
+      block = nnx.merge(block_def, state)
+      x, new_cache = block(x, positions, segment_ids, layer_cache, cache_index)
+      return constrain(x, RESIDUAL), (new_cache, nnx.state(block, nnx.Intermediate))
+
+    if cache is None and c.remat != "none":
+      body = jax.checkpoint(body, policy=_remat_policy(c.remat), prevent_cse=False)
+    x, (new_cache, stats) = jax.lax.scan(body, x, (block_state, cache))
+    nnx.update(self.layers, stats)
+    return x, new_cache
+
+
+def init_cache(c: ModelConfig, batch: int, max_len: int) -> list[dict] | dict:
+  """Zeroed key/value cache for decoding: per layer k, v of [B, max_len, kv_heads, head_dim]
+  (with scan_layers, one {k, v} of [layers, B, max_len, kv_heads, head_dim])."""
   shape = (batch, max_len, c.num_kv_heads, c.head_dim)
+  if c.scan_layers:
+    shape = (c.num_layers, *shape)
+    return {"k": jnp.zeros(shape, c.compute_dtype), "v": jnp.zeros(shape, c.compute_dtype)}
   return [{"k": jnp.zeros(shape, c.compute_dtype), "v": jnp.zeros(shape, c.compute_dtype)}
           for _ in range(c.num_layers)]
+
+
+# ------------------------------------------------------------------------------------------------
+# The two parameter layouts: a list of per-layer subtrees (scan_layers=False) or one subtree of
+# arrays with a leading [num_layers] axis (scan_layers=True). For pure dicts (State.to_pure_dict).
+
+def stack_layers(params: dict) -> dict:
+  """params with layers {0: tree, 1: tree, ...} turned into one tree of stacked arrays."""
+  layers = params["layers"]
+  per_layer = [layers[i] for i in sorted(layers, key=int)]
+  stack = lambda *xs: jnp.stack(xs) if isinstance(xs[0], jax.Array) else np.stack(xs)
+  return {**params, "layers": jax.tree.map(stack, *per_layer)}
+
+
+def unstack_layers(params: dict) -> dict:
+  """The inverse of stack_layers: {0: tree, 1: tree, ...} from arrays [num_layers, ...]."""
+  layers = params["layers"]
+  n = jax.tree.leaves(layers)[0].shape[0]
+  return {**params, "layers": {i: jax.tree.map(lambda a: a[i], layers) for i in range(n)}}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -268,12 +268,19 @@ def eval_batches(s: Setup, max_batches: int, batch_size: int) -> Iterator[dict]:
 def activation_coefficients(params) -> jax.Array | None:
   """[layers, r + 1]: each layer's shared PolyCom coefficients (weight..., bias), or None for
   other activations; logged to follow how the mix of powers evolves during training."""
-  flat = {tuple(map(str, p)): v for p, v in nnx.to_flat_state(params)}
-  layers = sorted({p[:2] for p in flat if p[-2:] == ("act", "weight")}, key=lambda p: int(p[1]))
-  if not layers:
-    return None
-  return jnp.stack([jnp.concatenate([flat[(*l, "mlp", "act", n)][...].ravel()
-                                     for n in ("weight", "bias")]) for l in layers])
+  layers = params["layers"]
+  if isinstance(layers, nnx.State) and "mlp" in layers:      # scan_layers: arrays [layers, ...]
+    act = layers["mlp"].get("act")
+    if act is None or "weight" not in act:
+      return None
+    return jnp.concatenate([act["weight"][...], act["bias"][...]], axis=-1)
+  rows = []
+  for i in sorted(layers, key=int):
+    act = layers[i]["mlp"].get("act")
+    if act is None or "weight" not in act:
+      return None
+    rows.append(jnp.concatenate([act["weight"][...], act["bias"][...]]))
+  return jnp.stack(rows)
 
 
 def check_workdir(workdir: str):

@@ -241,6 +241,17 @@ def layouts(out_dir: str, batches_npz: str):
   fused.model.activation_impl = "pallas"
   _, _, scalars["polynorm/data2_tensor4_pallas"], a = run_layout(fused, devices, batches)
   arrays.update({f"polynorm/data2_tensor4_pallas/{k}": v for k, v in a.items()})
+  # Scanned layers (remat inside the scan) with the fused kernel per shard inside the loop body,
+  # parameters FSDP-split and the MLP tensor-parallel; against the scanned model on one device.
+  scan_single = layout_config("polynorm", SINGLE)
+  scan_single.model.update(scan_layers=True, remat="full")
+  _, _, scalars["polynorm_scan/single"], a = run_layout(scan_single, devices[:1], batches)
+  arrays.update({f"polynorm_scan/single/{k}": v for k, v in a.items()})
+  scan_sharded = layout_config("polynorm", {"data": 1, "fsdp": 2, "tensor": 4})
+  scan_sharded.model.update(scan_layers=True, remat="full", activation_impl="pallas")
+  _, _, scalars["polynorm_scan/fsdp2_tensor4_pallas"], a = run_layout(scan_sharded, devices,
+                                                                      batches)
+  arrays.update({f"polynorm_scan/fsdp2_tensor4_pallas/{k}": v for k, v in a.items()})
   tp_mesh = sharding.make_mesh(layout_config("polynorm", LAYOUTS["data2_tensor4"]).mesh)
   scalars["tp_polynorm"], a = tensor_parallel_polynorm(tp_mesh)
   arrays.update(a)

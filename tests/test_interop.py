@@ -110,6 +110,36 @@ def test_round_trip_is_bit_exact(exported, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+def test_scanned_layers_export_the_same_tensors_and_import_back(export, tmp_path):
+  """A scan_layers=True checkpoint of the same weights (stacked) exports the unrolled model's
+  tensors bit for bit, and importing that directory with scan_layers=True stacks them again."""
+  config, _, params, _, hf_dir = export("polynorm")
+  scanned = config.copy_and_resolve_references()
+  scanned.model.scan_layers = True
+  s = train_lib.setup(scanned)
+  stacked = model_lib.stack_layers(nnx.to_pure_dict(params))
+  state_params = jax.tree.map(lambda a: a, s.abstract_state["params"])
+  nnx.replace_by_pure_dict(state_params, jax.tree.map(jnp.asarray, stacked))
+  workdir = str(tmp_path / "scanned_run")
+  checkpointer = ckpt_lib.Checkpointer(workdir, async_save=False)
+  checkpointer.save(5, {"step": jnp.int32(5), "params": state_params,
+                        "opt_state": s.tx.init(state_params)}, {},
+                    train_lib.config_as_dict(scanned), force=True)
+  checkpointer.close()
+  out = str(tmp_path / "hf_scanned")
+  interop.export_checkpoint(scanned, workdir, out)
+  a = load_file(os.path.join(hf_dir, "model.safetensors"))
+  b = load_file(os.path.join(out, "model.safetensors"))
+  assert a.keys() == b.keys() and any(".layers.1." in n for n in a)
+  for name in a:
+    np.testing.assert_array_equal(b[name], a[name], err_msg=name)
+
+  interop.import_checkpoint(scanned, hf_dir, str(tmp_path / "imported"))
+  _, restored, _ = evaluation.restore_params(scanned, str(tmp_path / "imported"))
+  jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(jax.device_get(restored)),
+               jax.device_get(stacked))
+
+
 def test_import_writes_a_fresh_state_that_training_resumes_from(export, tmp_path):
   """Step 0, a fresh optimizer state (zero moments and counts) and a fresh train iterator's data
   position, restored into the run's abstract state."""

@@ -1,6 +1,8 @@
 """The dense transformer: every activation trains (forward + backward), counts are exact,
 attention is causal, the KV cache reproduces the full forward, bad configs are refused."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -153,3 +155,55 @@ def test_flops_per_token_by_hand():
 def test_invalid_configs_name_the_field(overrides, field):
   with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
     _model_config(**overrides)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"activation": "polynorm", "remat": "full"},
+    {"activation": "swiglu", "qk_norm": True},
+    {"activation": "polyrelu", "num_experts": 4, "num_experts_per_tok": 2, "moe_ungated_d_ff": 96},
+], ids=["polynorm-remat", "swiglu-qk_norm", "polyrelu-moe"])
+def test_scanned_layers_equal_the_unrolled_stack(overrides):
+  """scan_layers=True with the unrolled model's weights stacked: the same logits, gradients,
+  router losses and cached decoding; parameters carry the `layers` axis name."""
+  from polycom_jax import moe
+  c = _model_config(num_layers=3, d_model=64, num_heads=4, num_kv_heads=2, **overrides)
+  c_scan = dataclasses.replace(c, scan_layers=True)
+  unrolled, scanned = model.Transformer(c, nnx.Rngs(0)), model.Transformer(c_scan, nnx.Rngs(1))
+  params = nnx.to_pure_dict(nnx.state(unrolled, nnx.Param))
+  stacked = model.stack_layers(params)
+  scan_params = nnx.state(scanned, nnx.Param)
+  for path, v in nnx.to_flat_state(scan_params):
+    if path[0] == "layers" and v.get_metadata().get("out_sharding"):
+      assert v.get_metadata()["out_sharding"][0] == "layers", path
+      assert v.shape[0] == 3, path
+  nnx.replace_by_pure_dict(scan_params, stacked)
+  nnx.update(scanned, scan_params)
+  assert sum(x.size for x in jax.tree.leaves(scan_params)) == model.num_params(c_scan)
+  jax.tree.map(np.testing.assert_array_equal, model.unstack_layers(stacked), params)
+
+  tokens = _tokens(c, (2, 9))
+
+  @nnx.jit
+  def logits_aux_grads(m):
+    def loss(m):
+      logits = m(tokens)
+      aux = moe.aux_losses(m)
+      return jnp.mean(logits ** 2) + sum(aux.values(), jnp.zeros(())), (logits, aux)
+    (_, (logits, aux)), grads = nnx.value_and_grad(loss, has_aux=True)(m)
+    return logits, aux, nnx.to_pure_dict(nnx.state(grads))
+
+  logits, aux, grads = logits_aux_grads(unrolled)
+  logits_s, aux_s, grads_s = logits_aux_grads(scanned)
+  np.testing.assert_allclose(logits_s, logits, atol=2e-5, rtol=1e-5)
+  assert set(aux_s) == set(aux) == ({"load_balance", "router_z"} if c.num_experts else set())
+  for name in aux:
+    np.testing.assert_allclose(aux_s[name], aux[name], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
+               model.unstack_layers(grads_s), grads)
+
+  cache, cache_scan = model.init_cache(c, 2, 12), model.init_cache(c_scan, 2, 12)
+  assert cache_scan["k"].shape == (3, 2, 12, c.num_kv_heads, c.head_dim)
+  for start, stop in ((0, 5), (5, 6), (6, 9)):
+    a, cache = unrolled(tokens[:, start:stop], cache=cache, cache_index=jnp.int32(start))
+    b, cache_scan = scanned(tokens[:, start:stop], cache=cache_scan, cache_index=jnp.int32(start))
+    np.testing.assert_allclose(b, a, atol=2e-5, rtol=1e-5)

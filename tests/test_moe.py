@@ -161,11 +161,18 @@ def test_invalid_moe_configs():
 
 
 def test_tiny_moe_trains_and_logs_router_losses(tiny, tmp_path):
+  """With scan_layers (as configs/paper_moe.py): the router losses come out of the scan, and
+  the coefficients log has one row per layer."""
   config = tiny(num_steps=30, log_every=10, checkpoint_every=0, warmup_steps=3)
-  config.model.update(num_experts=4, num_experts_per_tok=2, moe_ungated_d_ff=96)
+  config.model.update(num_experts=4, num_experts_per_tok=2, moe_ungated_d_ff=96,
+                      scan_layers=True)
   train_lib.train(config, str(tmp_path))
   with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
   assert records[-1]["loss"] < records[0]["loss"] - 0.5
   assert all(0 < r["moe_load_balance"] < 4 for r in records)      # 1 when balanced, E at worst
   assert all(r["moe_router_z"] > 0 for r in records)
+  with open(os.path.join(tmp_path, "coefficients.jsonl")) as f:
+    coefficients = [json.loads(line)["layers"] for line in f]
+  order = config.model.get("activation_order", 3)
+  assert np.array(coefficients[-1]).shape == (config.model.num_layers, order + 1)

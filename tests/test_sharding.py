@@ -111,10 +111,12 @@ def _pairs(arrays: dict, act: str, layout: str, kind: str):
                                          for l in worker.LAYOUTS]
                          + [("polynorm", "data2_tensor4_pallas")]
                          + [(f"moe_{impl}", "expert4_data2") for impl in worker.MOE_IMPLS]
-                         + [("moe_ragged", "expert4_data2_pallas")],
+                         + [("moe_ragged", "expert4_data2_pallas")]
+                         + [("polynorm_scan", "fsdp2_tensor4_pallas")],
                          ids=LAYOUT_IDS + ["polynorm-data2_tensor4-fused_pallas_kernel"]
                          + [f"moe_{impl}-expert4_data2" for impl in worker.MOE_IMPLS]
-                         + ["moe_ragged-expert4_data2-activation_impl_pallas"])
+                         + ["moe_ragged-expert4_data2-activation_impl_pallas"]
+                         + ["polynorm-scan_layers-fsdp2_tensor4-fused_pallas_kernel"])
 def test_layout_matches_one_device(layouts, act, layout):
   """Sharded init gives the single device's parameters bit for bit; the first step's loss and
   every gradient, and the loss over several training steps, equal the single-device ones."""

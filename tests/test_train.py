@@ -144,6 +144,10 @@ def test_checkpoint_from_another_model_is_refused(finished_run):
     train_lib.train(other, workdir)
   with pytest.raises(ConfigError, match=r"config\.model\.activation"):
     evaluation.evaluate_checkpoint(other, workdir)
+  scanned = config.copy_and_resolve_references()
+  scanned.model.scan_layers = True            # stacked parameters: another layout
+  with pytest.raises(ConfigError, match=r"config\.model\.scan_layers: checkpoint has False"):
+    evaluation.evaluate_checkpoint(scanned, workdir)
 
 
 def test_eval_errors_name_the_problem(finished_run, tmp_path):
