@@ -4,7 +4,11 @@ Each token's router picks k of E experts; each chosen expert runs the configured
 token (PolyNorm normalises over that expert's own hidden vector, per token and expert), and the
 outputs are summed with the router weights. Two ways to compute it:
 - "ragged" (dropless): sort the N*k (token, expert) assignments by expert and run grouped matmuls
-  (`jax.lax.ragged_dot`) over the contiguous groups: no padding FLOPs, no dropped tokens.
+  (`jax.lax.ragged_dot`) over the contiguous groups: no padding FLOPs, no dropped tokens. Under a
+  mesh it runs per shard (shard_map): each device routes its own tokens against every expert's
+  weights, gathered layer by layer as FSDP gathers dense weights, and the router statistics are
+  summed over the shards (so the losses equal the one-device ones). The fused Pallas activation
+  runs inside it as on one device. A `tensor` axis does not split this path's work.
 - "capacity": each expert takes at most C = ceil(capacity_factor * N * k / E) assignments
   (later ones are dropped, in token order) into a dense [E, C, D] buffer and runs batched
   matmuls. Sharding that buffer's E axis over the `expert` mesh axis is expert parallelism:
@@ -18,13 +22,16 @@ as in the paper's OLMoE code; `activation_per_expert=True` gives each expert its
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from polycom_jax import activations
+from polycom_jax.model import DTYPES, RESIDUAL, _param
 from polycom_jax.sharding import active_layout
 
 MOE_IMPLS = ("ragged", "capacity")
@@ -60,7 +67,6 @@ class MoE(nnx.Module):
   """Token-choice top-k MoE MLP: x [B, T, D] -> [B, T, D]."""
 
   def __init__(self, c, rngs: nnx.Rngs):
-    from polycom_jax.model import DTYPES, _param  # model imports this module lazily
     self.c = c
     self.spec = activations.get(c.activation)
     pd, std, e, d, f = DTYPES[c.param_dtype], c.init_std, c.num_experts, c.d_model, c.moe_d_ff
@@ -78,89 +84,154 @@ class MoE(nnx.Module):
     else:
       self.act = self.spec.make(order=c.activation_order, impl=c.activation_impl)
 
-  def _polycom(self, h: jax.Array, weight: jax.Array, bias: jax.Array) -> jax.Array:
-    """PolyNorm / PolyReLU with these coefficients. XLA cannot partition a Pallas call and the
-    expert rows have no fixed layout to shard_map over, so under a multi-device mesh the
-    custom-VJP jnp path (which GSPMD partitions) replaces the fused kernel here."""
-    impl = activations.resolve_impl(self.c.activation_impl)
-    if impl == "pallas" and active_layout(("activation_batch",)) is not None:
-      impl = "xla"
-    if self.spec.name == "polynorm":
-      return activations.poly_norm(h, weight, bias, impl=impl)
-    return activations.poly_relu(h, weight, bias, impl=impl)
-
-  def _activate(self, h: jax.Array, expert_of_row: jax.Array) -> jax.Array:
-    """The activation on hidden rows h [R, F]; per-expert coefficients picked by row."""
-    if not self.spec.has_params:
-      return self.act(h)
-    if not self.c.activation_per_expert:
-      return self._polycom(h, self.act.weight[...], self.act.bias[...])
-    w = self.act_weight[...][expert_of_row]                             # [R, r]
-    b = self.act_bias[...][expert_of_row]                               # [R, 1]
-    # PolyCom is linear in its coefficients: sum_i w[i] * (the activation with weight e_i).
-    r, zero = w.shape[-1], jnp.zeros((1,), jnp.float32)
-    y = b.astype(h.dtype)
-    for i in range(r):
-      unit = jnp.zeros((r,), jnp.float32).at[i].set(1.0)
-      y = y + w[:, i:i + 1].astype(h.dtype) * self._polycom(h, unit, zero)
-    return y
-
-  def _expert_mlp_ragged(self, xs: jax.Array, group_sizes: jax.Array, expert_of_row):
+  def _weights(self) -> dict[str, jax.Array]:
+    """The layer's arrays for the expert computation: matrices in the compute dtype, PolyCom
+    coefficients [E or 1, r] / [E or 1, 1] (one row when shared by the experts)."""
     dt = self.c.compute_dtype
-    h = jax.lax.ragged_dot(xs, self.w_up[...].astype(dt), group_sizes)   # [R, F]
-    if self.spec.gated:
-      g = jax.lax.ragged_dot(xs, self.w_gate[...].astype(dt), group_sizes)
-      h = self._activate(g, expert_of_row) * h
-    else:
-      h = self._activate(h, expert_of_row)
-    return jax.lax.ragged_dot(h, self.w_down[...].astype(dt), group_sizes)  # [R, D]
-
-  def _expert_mlp_dense(self, xe: jax.Array, expert_of_row) -> jax.Array:
-    """Batched expert MLPs on the capacity buffer xe [E, C, D]."""
-    dt = self.c.compute_dtype
-    e, cap, _ = xe.shape
-    h = jnp.einsum("ecd,edf->ecf", xe, self.w_up[...].astype(dt))
-    if self.spec.gated:
-      g = jnp.einsum("ecd,edf->ecf", xe, self.w_gate[...].astype(dt))
-      h = self._activate(g.reshape(e * cap, -1), expert_of_row).reshape(h.shape) * h
-    else:
-      h = self._activate(h.reshape(e * cap, -1), expert_of_row).reshape(h.shape)
-    return jnp.einsum("ecf,efd->ecd", h, self.w_down[...].astype(dt))
+    w = {name: getattr(self, name)[...].astype(dt) for name in ("w_up", "w_gate", "w_down")
+         if hasattr(self, name)}
+    w["router"] = self.router[...]
+    if self.spec.has_params:
+      if self.c.activation_per_expert:
+        w["act_weight"], w["act_bias"] = self.act_weight[...], self.act_bias[...]
+      else:
+        w["act_weight"], w["act_bias"] = self.act.weight[...][None], self.act.bias[...][None]
+    return w
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    c, dt = self.c, self.c.compute_dtype
+    c = self.c
     b, t, d = x.shape
-    e, k = c.num_experts, c.num_experts_per_tok
-    xf = x.reshape(b * t, d)                                            # [N, D]
-    logits = xf.astype(jnp.float32) @ self.router[...].astype(jnp.float32)   # [N, E]
-    weights, experts, probs = route(logits, k, c.moe_renormalize)
-    # Set on every call (not at construction) so the params-only state still merges.
-    self.load_balance = RouterStats(load_balancing_loss(probs, experts, e))
-    self.router_z = RouterStats(router_z_loss(logits))
-    flat_expert = experts.reshape(-1)                                   # [N*k]
-    flat_token = jnp.repeat(jnp.arange(b * t), k)                       # [N*k]
-    flat_weight = weights.reshape(-1)
-    if c.moe_impl == "ragged":
-      order = jnp.argsort(flat_expert, stable=True)
-      rows_expert = flat_expert[order]
-      rows_token = flat_token[order]
-      group_sizes = jnp.bincount(flat_expert, length=e).astype(jnp.int32)
-      out = self._expert_mlp_ragged(xf[rows_token].astype(dt), group_sizes, rows_expert)
-      out = out.astype(jnp.float32) * flat_weight[order][:, None]
-      y = jnp.zeros((b * t, d), jnp.float32).at[rows_token].add(out)
+    w = self._weights()
+    activate = functools.partial(_activate, self.spec, None if self.spec.has_params else self.act)
+    layout = active_layout(RESIDUAL)
+    if c.moe_impl == "ragged" and layout is not None and _splits_rows(layout, b):
+      # Each device routes and computes its own tokens against all experts' weights (gathered
+      # per layer, like FSDP): GSPMD cannot partition the global sort of the ragged path and
+      # would replicate its [tokens * k, D] arrays on every chip.
+      mesh, spec = layout
+      impl = activations.resolve_impl(c.activation_impl)
+      axes = spec[0]
+      local = functools.partial(_ragged_tokens, c=c, activate=functools.partial(activate, impl))
+
+      def per_shard(x, w):
+        y, sums = local(x.reshape(-1, d), w)
+        return y.reshape(x.shape), jax.tree.map(lambda v: jax.lax.psum(v, axes), sums)
+      # check_vma off: a Pallas call inside does not declare how its output varies.
+      y, sums = jax.shard_map(per_shard, mesh=mesh, in_specs=(spec, P()),
+                              out_specs=(spec, P()), check_vma=False)(x, w)
     else:
-      cap = max(1, math.ceil(c.moe_capacity_factor * b * t * k / e))
-      one_hot = jax.nn.one_hot(flat_expert, e, dtype=jnp.int32)         # [N*k, E]
-      position = jnp.sum((jnp.cumsum(one_hot, axis=0) - 1) * one_hot, axis=-1)  # [N*k]
-      kept = position < cap
-      slot = jnp.where(kept, flat_expert * cap + position, e * cap)     # e*cap: dropped
-      buf = jnp.zeros((e * cap, d), dt).at[slot].set(xf[flat_token].astype(dt), mode="drop")
-      slot_expert = jnp.repeat(jnp.arange(e), cap)
-      out = self._expert_mlp_dense(buf.reshape(e, cap, d), slot_expert).reshape(e * cap, d)
-      gathered = jnp.take(out, slot, axis=0, mode="fill", fill_value=0)  # [N*k, D]
-      contrib = gathered.astype(jnp.float32) * (flat_weight * kept)[:, None]
-      y = jnp.zeros((b * t, d), jnp.float32).at[flat_token].add(contrib)
-    return y.reshape(b, t, d).astype(dt)
+      # Off a mesh the fused kernel runs as is; under one (the capacity path, or rows that do
+      # not split evenly) GSPMD partitions the layer, and it cannot partition a Pallas call.
+      impl = activations.resolve_impl(c.activation_impl)
+      if impl == "pallas" and layout is not None:
+        impl = "xla"
+      fn = _ragged_tokens if c.moe_impl == "ragged" else _capacity_tokens
+      y, sums = fn(x.reshape(b * t, d), w, c=c, activate=functools.partial(activate, impl))
+      y = y.reshape(b, t, d)
+    # Set on every call (not at construction) so the params-only state still merges.
+    self.load_balance = RouterStats(_load_balance_from_sums(sums, c.num_experts_per_tok))
+    self.router_z = RouterStats(sums["lse_squared"] / sums["tokens"])
+    return y.astype(c.compute_dtype)
+
+
+def _splits_rows(layout, batch: int) -> bool:
+  """Whether the batch rows split evenly over the mesh axes the layout puts them on."""
+  mesh, spec = layout
+  axes = spec[0] if spec else None
+  if axes is None:
+    return False
+  axes = (axes,) if isinstance(axes, str) else tuple(axes)
+  return batch % math.prod(mesh.shape[a] for a in axes) == 0
+
+
+def _activate(spec, module, impl: str, h: jax.Array, w: dict, expert_of_row: jax.Array):
+  """The activation on hidden rows h [R, F]; PolyCom coefficients per row's expert (or the
+  layer's shared ones), other activations through their module."""
+  if not spec.has_params:
+    return module(h)
+  poly = activations.poly_norm if spec.name == "polynorm" else activations.poly_relu
+  weight, bias = w["act_weight"], w["act_bias"]                        # [E or 1, r], [E or 1, 1]
+  if weight.shape[0] == 1:
+    return poly(h, weight[0], bias[0], impl=impl)
+  # Per expert: PolyCom is linear in its coefficients, so y = b + sum_i w[i] * (the activation
+  # with weight e_i), each term one call of the shared-coefficient function.
+  wr, br = weight[expert_of_row], bias[expert_of_row]                  # [R, r], [R, 1]
+  r, zero = weight.shape[-1], jnp.zeros((1,), jnp.float32)
+  y = br.astype(h.dtype)
+  for i in range(r):
+    unit = jnp.zeros((r,), jnp.float32).at[i].set(1.0)
+    y = y + wr[:, i:i + 1].astype(h.dtype) * poly(h, unit, zero, impl=impl)
+  return y
+
+
+def _route(xf: jax.Array, w: dict, c):
+  """(weights [N, k], experts [N, k], the router sums) for tokens xf [N, D]. The sums add up
+  over shards: expert counts and probability sums give the load-balancing loss, the squared
+  log-partitions the z-loss."""
+  logits = xf.astype(jnp.float32) @ w["router"].astype(jnp.float32)    # [N, E]
+  weights, experts, probs = route(logits, c.num_experts_per_tok, c.moe_renormalize)
+  e = c.num_experts
+  sums = {"counts": jnp.zeros((e,), jnp.float32).at[experts.reshape(-1)].add(1.0),
+          "probs": jnp.sum(probs, axis=0),
+          "lse_squared": jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1))),
+          "tokens": jnp.asarray(xf.shape[0], jnp.float32)}
+  return weights, experts, sums
+
+
+def _load_balance_from_sums(sums: dict, k: int) -> jax.Array:
+  """load_balancing_loss from summed counts and probabilities (equal to it on one shard)."""
+  fraction = sums["counts"] / (sums["tokens"] * k)
+  return sums["counts"].shape[0] * jnp.sum(fraction * sums["probs"] / sums["tokens"])
+
+
+def _expert_mlp(xs, w, activate, expert_of_row, matmul):
+  """W_down(act(W_up x)) (gated: act(W_gate x) * W_up x) with a given expert matmul."""
+  h = matmul(xs, w["w_up"])
+  if "w_gate" in w:
+    h = activate(matmul(xs, w["w_gate"]), w, expert_of_row) * h
+  else:
+    h = activate(h, w, expert_of_row)
+  return matmul(h, w["w_down"])
+
+
+def _ragged_tokens(xf: jax.Array, w: dict, *, c, activate):
+  """Dropless: the N*k assignments sorted by expert, grouped matmuls over the groups.
+  xf [N, D] -> (y [N, D] float32, router sums)."""
+  weights, experts, sums = _route(xf, w, c)
+  n, d = xf.shape
+  flat_expert = experts.reshape(-1)                                   # [N*k]
+  order = jnp.argsort(flat_expert, stable=True)
+  rows_expert = flat_expert[order]
+  rows_token = jnp.repeat(jnp.arange(n), c.num_experts_per_tok)[order]
+  group_sizes = jnp.bincount(flat_expert, length=c.num_experts).astype(jnp.int32)
+  matmul = lambda a, b: jax.lax.ragged_dot(a, b, group_sizes)
+  out = _expert_mlp(xf[rows_token].astype(c.compute_dtype), w, activate, rows_expert, matmul)
+  out = out.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
+  return jnp.zeros((n, d), jnp.float32).at[rows_token].add(out), sums
+
+
+def _capacity_tokens(xf: jax.Array, w: dict, *, c, activate):
+  """Each expert takes at most C assignments (later ones dropped, in token order) into a dense
+  [E, C, D] buffer: batched matmuls, expert-parallel through GSPMD's all-to-alls."""
+  weights, experts, sums = _route(xf, w, c)
+  n, d = xf.shape
+  e, k, dt = c.num_experts, c.num_experts_per_tok, c.compute_dtype
+  cap = max(1, math.ceil(c.moe_capacity_factor * n * k / e))
+  flat_expert = experts.reshape(-1)                                   # [N*k]
+  flat_token = jnp.repeat(jnp.arange(n), k)
+  one_hot = jax.nn.one_hot(flat_expert, e, dtype=jnp.int32)           # [N*k, E]
+  position = jnp.sum((jnp.cumsum(one_hot, axis=0) - 1) * one_hot, axis=-1)  # [N*k]
+  kept = position < cap
+  slot = jnp.where(kept, flat_expert * cap + position, e * cap)       # e*cap: dropped
+  buf = jnp.zeros((e * cap, d), dt).at[slot].set(xf[flat_token].astype(dt), mode="drop")
+  slot_expert = jnp.repeat(jnp.arange(e), cap)
+
+  def matmul(a, b):                        # a [E*C, in] as [E, C, in] against b [E, in, out]
+    return jnp.einsum("eci,eio->eco", a.reshape(e, cap, -1), b).reshape(e * cap, -1)
+  out = _expert_mlp(buf, w, activate, slot_expert, matmul)           # [E*C, D]
+  gathered = jnp.take(out, slot, axis=0, mode="fill", fill_value=0)  # [N*k, D]
+  contrib = gathered.astype(jnp.float32) * (weights.reshape(-1) * kept)[:, None]
+  return jnp.zeros((n, d), jnp.float32).at[flat_token].add(contrib), sums
 
 
 def aux_losses(model: nnx.Module) -> dict[str, jax.Array]:
