@@ -30,7 +30,8 @@ def get_config():
   c.model.update(
       vocab_size=32000, d_model=2048, num_layers=24, num_heads=16, num_kv_heads=16,
       ungated_d_ff=8256, d_ff_multiple_of=128, max_seq_len=4096, rope_theta=10000.0,
-      norm_eps=1e-5, init_std=0.013975, tie_embeddings=False, remat="full", dtype="auto")
+      norm_eps=1e-5, init_std=0.013975, tie_embeddings=False, remat="full", scan_layers=True,
+      dtype="auto")
   c.data.update(seq_len=4096, tfds_name="c4", data_dir="", text_feature="text",
                 train_split="train", eval_split="validation", tokenizer="sentencepiece",
                 tokenizer_path="", num_workers=4)

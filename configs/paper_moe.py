@@ -33,7 +33,7 @@ def get_config():
   c.model.update(
       vocab_size=50304, d_model=2048, num_layers=16, num_heads=16, num_kv_heads=16,
       qk_norm=True, max_seq_len=4096, rope_theta=10000.0, norm_eps=1e-5, init_std=0.02,
-      tie_embeddings=False, remat="full", dtype="auto",
+      tie_embeddings=False, remat="full", scan_layers=True, dtype="auto",
       num_experts=64, num_experts_per_tok=8, moe_ungated_d_ff=2304, d_ff_multiple_of=128,
       moe_impl="ragged", moe_renormalize=False, moe_aux_loss_weight=0.01,
       moe_z_loss_weight=0.001, activation_per_expert=False)

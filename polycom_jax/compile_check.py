@@ -9,8 +9,14 @@ machine (jax.experimental.topologies) and compiles for it with the real TPU comp
 Mosaic for the Pallas kernels). This builds the mesh from the slice's devices with the config's
 parallelism, lowers and compiles the train step (and the eval step) from abstract shapes only,
 and prints per-chip memory against the chip's HBM, XLA's cost analysis, the model FLOPs from
-the exact formula and the compile times. Exit status: 0 fits, 1 does not fit (or the compiler
-ran out of memory), 2 bad config / topology / libtpu missing.
+the exact formula and the compile times. --max_batch also searches for the largest global batch
+whose train step fits. Exit status: 0 fits, 1 does not fit (the compiler ran out of memory, or
+the step failed to compile), 2 bad config / topology / libtpu missing.
+
+With config.model.scan_layers (the paper configs' default) the step holds one scanned block, so
+it compiles in seconds at any depth; XLA's cost analysis then counts the loop body once, so the
+FLOPs and bytes reported are extrapolated from unrolled 1- and 2-layer compiles of the same step
+(they are affine in the number of layers): f(L) = f(1) + (L - 1) * (f(2) - f(1)).
 
 For the target backend, "auto" settings resolve as on a TPU: config.model.activation_impl
 "auto" -> "pallas" (so the fused kernels go through the Mosaic compile) and dtype "auto" ->
@@ -49,19 +55,22 @@ _TOPOLOGY = flags.DEFINE_string(
     required=True)
 _SKIP_EVAL = flags.DEFINE_bool("skip_eval", False, "Compile the train step only.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the numbers (bytes) to this file.")
+_MAX_BATCH = flags.DEFINE_bool(
+    "max_batch", False, "Also search for the largest global batch (without gradient "
+    "accumulation) whose train step fits: a few more compiles.")
 
 GiB = 2 ** 30
-# HBM per chip by jax device_kind.
+# HBM per chip by jax device_kind (the kinds libtpu reports for v4:, v5p:, v5e:, v6e: slices).
 HBM_BYTES = {
     "TPU v4": 32 * GiB,
-    "TPU v5 lite": 16 * GiB,     # v5e
-    "TPU v5e": 16 * GiB,
     "TPU v5": 95 * GiB,          # v5p
-    "TPU v5p": 95 * GiB,
+    "TPU v5 lite": 16 * GiB,     # v5e
     "TPU v6 lite": 32 * GiB,     # v6e (Trillium)
-    "TPU v6e": 32 * GiB,
-    "TPU v4 lite": 8 * GiB,      # v4i
 }
+
+
+class CompileError(RuntimeError):
+  """The TPU compiler rejected a step for a reason other than memory."""
 
 
 def install_hint() -> str:
@@ -157,10 +166,12 @@ def compile_step(name: str, jitted, *args, argument_bytes: int = 0) -> StepRepor
   t0 = time.perf_counter()
   try:
     compiled = jitted.lower(*args).compile()
-  except Exception as e:  # noqa: BLE001 - XlaRuntimeError
+  except Exception as e:  # noqa: BLE001 - XlaRuntimeError, Mosaic errors, lowering errors
     text = str(e)
     if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
-      raise
+      lines = [l.strip() for l in text.splitlines() if l.strip()]
+      raise CompileError(f"the {name} step does not compile ({type(e).__name__}): "
+                         + " | ".join(lines[:6])[:1500]) from e
     line = next((l for l in text.splitlines() if "Ran out of memory" in l or "Used" in l),
                 text.splitlines()[0])
     nan = float("nan")
@@ -176,56 +187,143 @@ def compile_step(name: str, jitted, *args, argument_bytes: int = 0) -> StepRepor
                     compiled.as_text().count('custom_call_target="tpu_custom_call"'))
 
 
-def run(config, topology: str, skip_eval: bool = False, out=sys.stdout) -> dict:
-  """Compiles and reports; returns the numbers. Raises ConfigError for bad input."""
-  from polycom_jax import model as model_lib
+def compile_steps(config, devices, skip_eval: bool = False):
+  """(setup, [train report, eval report], param bytes, optimizer-state bytes) of a config
+  compiled for `devices`; ConfigError when the config's mesh does not fit them."""
   from polycom_jax import train_lib
-
-  devices = get_topology_devices(topology)
-  kind = devices[0].device_kind
-  config = prepare_config(config)
   try:
     s = train_lib.setup(config, devices=devices)
   except ConfigError as e:
-    raise ConfigError(f"--topology={topology} has {len(devices)} chips ({kind}) but the "
-                      f"config's mesh does not fit them: {e}") from None
-  mc = s.model_config
-  hbm = HBM_BYTES.get(kind)
-  n = len(devices)
+    raise ConfigError(f"the topology has {len(devices)} chips ({devices[0].device_kind}) but "
+                      f"the config does not fit them: {e}") from None
   params_b = per_chip_bytes(s.abstract_state["params"])
   opt_b = per_chip_bytes(s.abstract_state["opt_state"]) + per_chip_bytes(s.abstract_state["step"])
-  t = config.train
   train_step = train_lib.make_train_step(s)
   # Built outside the mesh context: its byte table is a host constant, not a TPU array.
   eval_step = None if skip_eval else train_lib.make_eval_step(s)
   with jax.set_mesh(s.mesh):
-    batch = abstract_batch(s, t.global_batch_size)
+    batch = abstract_batch(s, config.train.global_batch_size)
     reports = [compile_step("train", train_step, s.abstract_state, batch,
                             argument_bytes=params_b + opt_b + per_chip_bytes(batch))]
     if eval_step is not None:
       eval_batch = abstract_batch(s, config.eval.batch_size)
       reports.append(compile_step("eval", eval_step, s.abstract_state["params"], eval_batch,
                                   argument_bytes=params_b + per_chip_bytes(eval_batch)))
+  return s, reports, params_b, opt_b
+
+
+def _with_model(config, **fields):
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model.update(fields)
+  return config
+
+
+def unrolled_costs(config, devices, reports):
+  """Sets each report's flops / bytes_accessed to the full-depth cost, extrapolated from
+  unrolled 1- and 2-layer compiles (a scanned step's cost analysis counts its body once)."""
+  layers = config.model.num_layers
+  small = [compile_steps(_with_model(config, num_layers=n, scan_layers=False), devices,
+                         skip_eval=len(reports) == 1)[1] for n in (1, 2)]
+  for i, r in enumerate(reports):
+    one, two = small[0][i], small[1][i]
+    r.flops = one.flops + (layers - 1) * (two.flops - one.flops)
+    r.bytes_accessed = one.bytes_accessed + (layers - 1) * (two.bytes_accessed - one.bytes_accessed)
+
+
+def largest_batch(config, devices, hbm: int, dp: int, first, out=sys.stdout) -> int:
+  """The largest global batch (a multiple of the data-parallel size dp, no gradient
+  accumulation) whose train step fits in hbm per chip; 0 when not even dp fits. Memory is
+  close to affine in the batch, so each compile's total predicts the next candidate; the
+  search keeps a bracket (largest that fits, smallest that does not) and stops when they meet."""
+  fits, fails = 0, None                            # in rows per data-parallel group
+  seen = {}
+
+  def try_rows(rows: int):
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+      c.train.global_batch_size, c.train.micro_batch_size = rows * dp, 0
+      c.eval.batch_size = dp
+    report = compile_steps(c, devices, skip_eval=True)[1][0]
+    seen[rows] = report
+    print(f"  global batch {rows * dp}: {report.total / GiB:.2f} GiB per chip"
+          f"{' (compiler out of memory)' if report.oom else ''} -> "
+          f"{'fits' if report.fits(hbm) else 'does not fit'}", file=out, flush=True)
+    return report.fits(hbm)
+
+  t = config.train
+  rows = max(1, (t.micro_batch_size or t.global_batch_size) // dp)
+  if t.micro_batch_size:
+    first = None                     # that compile was of another (accumulating) step
+  if first is not None:
+    seen[rows] = first
+    fits, fails = (rows, None) if first.fits(hbm) else (0, rows)
+  elif try_rows(rows):
+    fits = rows
+  else:
+    fails = rows
+  while fails is None or fails - fits > 1:
+    known = sorted((r, rep.total) for r, rep in seen.items() if not rep.oom)
+    guess = None
+    if len(known) >= 2:
+      (r0, t0), (r1, t1) = known[0], known[-1]
+      slope = (t1 - t0) / (r1 - r0)
+      if slope > 0:
+        guess = r0 + int((hbm - t0) // slope)
+    elif known and fails is None:
+      guess = 2 * known[0][0]
+    if guess is None or guess <= fits or (fails is not None and guess >= fails):
+      guess = 2 * max(fits, 1) if fails is None else (fits + fails) // 2
+    if try_rows(guess):
+      fits = guess
+    else:
+      fails = guess
+  return fits * dp
+
+
+def run(config, topology: str, skip_eval: bool = False, max_batch: bool = False,
+        out=sys.stdout) -> dict:
+  """Compiles and reports; returns the numbers. Raises ConfigError for bad input,
+  CompileError when a step does not compile."""
+  from polycom_jax import model as model_lib
+  from polycom_jax import sharding as sharding_lib
+
+  devices = get_topology_devices(topology)
+  kind = devices[0].device_kind
+  config = prepare_config(config)
+  try:
+    s, reports, params_b, opt_b = compile_steps(config, devices, skip_eval)
+  except ConfigError as e:
+    raise ConfigError(f"--topology={topology}: {e}") from None
+  mc = s.model_config
+  if mc.scan_layers and not any(r.oom for r in reports):
+    unrolled_costs(config, devices, reports)
+  hbm = HBM_BYTES.get(kind)
+  n = len(devices)
+  t = config.train
   seq = config.data.seq_len
   model_flops = model_lib.flops_per_token(mc, seq) * t.global_batch_size * seq / n
   result = {"topology": topology, "device_kind": kind, "num_chips": n,
             "mesh": dict(s.mesh.shape), "hbm_bytes": hbm, "param_bytes": params_b,
             "opt_state_bytes": opt_b, "num_params": model_lib.num_params(mc),
-            "model_flops_per_chip": model_flops,
+            "num_layers": mc.num_layers, "scan_layers": mc.scan_layers,
+            "activation": mc.activation, "global_batch_size": t.global_batch_size,
+            "seq_len": seq, "model_flops_per_chip": model_flops,
             "steps": {r.name: dataclasses.asdict(r) | {"total": r.total} for r in reports}}
   result["fits"] = all(r.fits(hbm) for r in reports)
 
   g = lambda b: f"{b / GiB:.2f} GiB" if b >= GiB else f"{b / 2**20:.2f} MiB"
-  w = lambda line="": print(line, file=out)
+  w = lambda line="": print(line, file=out, flush=True)
   mesh = ", ".join(f"{a}={v}" for a, v in s.mesh.shape.items() if v > 1) or "1 device"
   w(f"## compile check: {topology} ({n} x {kind}, HBM {g(hbm) if hbm else 'unknown'} per chip)")
   w(f"mesh ({mesh}); model {model_lib.num_params(mc) / 1e6:.1f}M params, "
-    f"{mc.num_layers} layers, activation {mc.activation} ({mc.activation_impl}), dtype "
-    f"{mc.dtype}, remat {mc.remat}; global batch {t.global_batch_size} x seq {seq} "
-    f"(micro-batch {t.micro_batch_size or 'none'})")
+    f"{mc.num_layers} layers{' (scanned)' if mc.scan_layers else ''}, activation "
+    f"{mc.activation} ({mc.activation_impl}), dtype {mc.dtype}, remat {mc.remat}; global batch "
+    f"{t.global_batch_size} x seq {seq} (micro-batch {t.micro_batch_size or 'none'})")
   w()
   w("| per chip | " + " | ".join(r.name for r in reports) + " |")
   w("|---|" + "---:|" * len(reports))
+  flops_note = " (unrolled 1-, 2-layer extrapolation)" if mc.scan_layers else ""
   rows = [
       ("parameters", [g(params_b)] * len(reports)),
       ("optimizer state", [g(opt_b)] + [g(0)] * (len(reports) - 1)),
@@ -236,8 +334,9 @@ def run(config, topology: str, skip_eval: bool = False, out=sys.stdout) -> dict:
                  for r in reports]),
       ("HBM", [g(hbm) if hbm else "?" for r in reports]),
       ("fits", ["yes" if r.fits(hbm) else "NO" for r in reports]),
-      ("XLA FLOPs", [f"{r.flops:.3e}" if not r.oom else "-" for r in reports]),
-      ("XLA bytes accessed", [f"{r.bytes_accessed:.3e}" if not r.oom else "-" for r in reports]),
+      (f"XLA FLOPs{flops_note}", [f"{r.flops:.3e}" if not r.oom else "-" for r in reports]),
+      (f"XLA bytes accessed{flops_note}",
+       [f"{r.bytes_accessed:.3e}" if not r.oom else "-" for r in reports]),
       ("model FLOPs (6N + attention)", [f"{model_flops:.3e}", f"{model_flops / 3:.3e}"]
        [:len(reports)]),
       ("Pallas (Mosaic) kernel calls", [str(r.mosaic_kernels) for r in reports]),
@@ -248,26 +347,33 @@ def run(config, topology: str, skip_eval: bool = False, out=sys.stdout) -> dict:
   for r in reports:
     if r.oom:
       w(f"{r.name}: the TPU compiler ran out of HBM: {r.oom}")
+  if max_batch:
+    if hbm is None:
+      raise ConfigError(f"--max_batch needs the HBM size of {kind!r}, which is not known "
+                        f"(known: {sorted(HBM_BYTES)})")
+    dp = sharding_lib.data_parallel_size(s.mesh, s.rules)
+    w()
+    w(f"largest global batch whose train step fits (multiples of the data-parallel size {dp}):")
+    best = largest_batch(config, devices, hbm, dp, reports[0], out=out)
+    result["max_global_batch"] = best
+    w(f"largest global batch that fits: {best} ({best // dp} per data-parallel group"
+      f"{', ' + str(best * seq // n) + ' tokens per chip' if best else ''})")
   return result
 
 
 def main(argv):
   del argv
   try:
-    result = run(_CONFIG.value, _TOPOLOGY.value, _SKIP_EVAL.value)
+    result = run(_CONFIG.value, _TOPOLOGY.value, _SKIP_EVAL.value, _MAX_BATCH.value)
     if _JSON_OUT.value:
       with open(_JSON_OUT.value, "w") as f:
         json.dump(result, f, indent=1)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  except Exception as e:  # noqa: BLE001
-    text = str(e)
-    if "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text:
-      print(f"error: does not fit: the TPU compiler ran out of memory for {_TOPOLOGY.value}:\n"
-            f"{text[:3000]}", file=sys.stderr)
-      sys.exit(1)
-    raise
+  except CompileError as e:
+    print(f"error: {_TOPOLOGY.value}: {e}", file=sys.stderr)
+    sys.exit(1)
   if not result["fits"]:
     worst = max(s["total"] for s in result["steps"].values())
     print(f"error: does not fit: {worst / GiB:.2f} GiB per chip needed"

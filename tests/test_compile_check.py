@@ -10,6 +10,7 @@ interpreter (the main venv).
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -43,10 +44,12 @@ def run_tool(*args, python=TPU_PYTHON, json_out=None):
   return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
 
 
-def tiny_param_bytes(fsdp: int) -> int:
+def tiny_param_bytes(fsdp: int, **model_overrides) -> int:
   """Per-chip parameter bytes, computed independently of jax's sharding machinery: each
   parameter's dims named `embed` (the FSDP rule) are split fsdp ways, float32."""
-  mc = model_lib.ModelConfig.from_config(tiny.get_config().model)
+  model = tiny.get_config().model
+  model.update(model_overrides)
+  mc = model_lib.ModelConfig.from_config(model)
   abstract = nnx.eval_shape(lambda: model_lib.Transformer(mc, nnx.Rngs(0)))
   total = 0
   for _, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
@@ -116,6 +119,86 @@ def test_mesh_device_count_mismatch_names_both():
 def test_bad_topology_name():
   proc = run_tool("--topology=v5p:banana")
   assert proc.returncode == 2 and "v5p:banana" in proc.stderr
+
+
+@needs_libtpu
+def test_scanned_layers_compile_and_report_full_depth_flops(tmp_path):
+  """A scanned 4-layer model: parameters stacked along `layers` (replicated) and split over
+  `embed`; the reported FLOPs (extrapolated from unrolled 1- and 2-layer compiles) equal those
+  of the unrolled 4-layer compile; the fused kernel is compiled by Mosaic inside the loop."""
+  common = ("--topology=v5p:2x2x1", "--config.mesh.data=1", "--config.mesh.fsdp=-1",
+            "--config.model.num_layers=4")
+  results, stdout = {}, {}
+  for scan in (True, False):
+    out = tmp_path / f"scan_{scan}.json"
+    proc = run_tool(*common, f"--config.model.scan_layers={scan}", json_out=out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results[scan], stdout[scan] = json.loads(out.read_text()), proc.stdout
+  scanned, unrolled = results[True], results[False]
+  assert scanned["scan_layers"] and scanned["num_layers"] == 4
+  assert "extrapolation" in stdout[True] and "extrapolation" not in stdout[False]
+  assert scanned["param_bytes"] == unrolled["param_bytes"] == tiny_param_bytes(
+      fsdp=4, num_layers=4, scan_layers=True)
+  for step in ("train", "eval"):
+    a, b = scanned["steps"][step], unrolled["steps"][step]
+    np.testing.assert_allclose(a["flops"], b["flops"], rtol=0.02, err_msg=step)
+    assert a["mosaic_kernels"] > 0, step
+  # One block compiled instead of four: less code.
+  assert scanned["steps"]["train"]["code"] < unrolled["steps"]["train"]["code"]
+
+
+@needs_libtpu
+def test_max_batch_finds_the_boundary(tmp_path):
+  """--max_batch: the batch it reports compiled and fit, the next multiple of the data-parallel
+  size compiled and did not (the search's own log, from real compiles for a 16 GiB v5e)."""
+  out = tmp_path / "r.json"
+  # Long sequences and a large vocabulary: ~1 GiB of logits per sequence, so few fit.
+  proc = run_tool("--topology=v5e:2x2", "--skip_eval", "--max_batch",
+                  "--config.data.seq_len=8192", "--config.model.max_seq_len=8192",
+                  "--config.model.vocab_size=32768", "--config.train.global_batch_size=16",
+                  json_out=out)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  best = json.loads(out.read_text())["max_global_batch"]
+  verdicts = dict(re.findall(r"global batch (\d+): .* -> (fits|does not fit)", proc.stdout))
+  assert best > 0 and best % 4 == 0
+  assert verdicts[str(best)] == "fits", proc.stdout
+  assert verdicts[str(best + 4)] == "does not fit", proc.stdout
+  assert f"largest global batch that fits: {best}" in proc.stdout
+
+
+COMPILE_ERROR_SCRIPT = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.experimental import pallas as pl
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from polycom_jax import compile_check
+    devices = compile_check.get_topology_devices("v5e:2x2")
+    for name in ("v4:2x2x1", "v5p:2x2x1", "v5e:2x2", "v6e:2x2"):
+      kind = compile_check.get_topology_devices(name)[0].device_kind
+      print("kind", name, kind, compile_check.HBM_BYTES.get(kind))
+    rep = NamedSharding(Mesh(np.array(devices[:1]), ("x",)), P())
+    def copy(x_ref, o_ref):
+      o_ref[...] = x_ref[...]
+    # A (3, 5) block of a (6, 10) array: not a multiple of the (8, 128) TPU tile, so Mosaic fails.
+    bad = pl.pallas_call(copy, out_shape=jax.ShapeDtypeStruct((6, 10), jnp.float32),
+                         grid=(2, 2), in_specs=[pl.BlockSpec((3, 5), lambda i, j: (i, j))],
+                         out_specs=pl.BlockSpec((3, 5), lambda i, j: (i, j)))
+    try:
+      compile_check.compile_step("probe", jax.jit(bad),
+                                 jax.ShapeDtypeStruct((6, 10), jnp.float32, sharding=rep))
+    except compile_check.CompileError as e:
+      print("CompileError:", e)
+""")
+
+
+@needs_libtpu
+def test_every_slice_kind_has_its_hbm_and_compile_errors_are_named():
+  proc = subprocess.run([TPU_PYTHON, "-c", COMPILE_ERROR_SCRIPT], cwd=ROOT, env=_env(),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  kinds = [l.split() for l in proc.stdout.splitlines() if l.startswith("kind ")]
+  assert len(kinds) == 4 and all(k[-1] != "None" for k in kinds), kinds
+  error = [l for l in proc.stdout.splitlines() if l.startswith("CompileError:")]
+  assert error and "the probe step does not compile" in error[0], proc.stdout[-2000:]
 
 
 KERNEL_SCRIPT = textwrap.dedent("""
