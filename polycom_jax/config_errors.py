@@ -3,3 +3,9 @@
 
 class ConfigError(ValueError):
   """A config value, path or checkpoint that cannot work; the message names the field."""
+
+
+def require(ok: bool, field: str, message: str):
+  """Raises ConfigError(f"{field} {message}") unless ok."""
+  if not ok:
+    raise ConfigError(f"{field} {message}")

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from polycom_jax import activations
-from polycom_jax.config_errors import ConfigError
+from polycom_jax.config_errors import require
 from polycom_jax.sharding import active_layout, constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -82,10 +82,10 @@ class ModelConfig:
     """Resolves config.model (a ConfigDict or a dict) (d_ff, head_dim and dtype "auto") into a validated ModelConfig."""
     m = dict(model.to_dict() if hasattr(model, "to_dict") else model)
     act = activations.get(m.get("activation", "polynorm"))
-    _require(m.get("num_heads", 0) > 0, "config.model.num_heads", "must be > 0")
-    _require(m["d_model"] > 0, "config.model.d_model", "must be > 0")
+    require(m.get("num_heads", 0) > 0, "config.model.num_heads", "must be > 0")
+    require(m["d_model"] > 0, "config.model.d_model", "must be > 0")
     if not m.get("head_dim"):
-      _require(m["d_model"] % m["num_heads"] == 0, "config.model.d_model",
+      require(m["d_model"] % m["num_heads"] == 0, "config.model.d_model",
                f"({m['d_model']}) must be divisible by config.model.num_heads ({m['num_heads']})")
       m["head_dim"] = m["d_model"] // m["num_heads"]
     multiple = m.pop("d_ff_multiple_of", 128)
@@ -99,7 +99,7 @@ class ModelConfig:
       m["dtype"] = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(m) - known)
-    _require(not unknown, "config.model", f"has unknown fields {unknown}")
+    require(not unknown, "config.model", f"has unknown fields {unknown}")
     return cls(**m)
 
 
@@ -110,44 +110,39 @@ def matched_d_ff(ungated_d_ff: int, gated: bool, multiple_of: int = 128) -> int:
   return multiple_of * math.ceil(2 * ungated_d_ff / 3 / multiple_of)
 
 
-def _require(ok: bool, field: str, message: str):
-  if not ok:
-    raise ConfigError(f"{field} {message}")
-
-
 def _validate(c: ModelConfig):
   """Raises ConfigError naming the first invalid field."""
   activations.get(c.activation)
   for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                "d_ff", "max_seq_len"):
-    _require(getattr(c, name) > 0, f"config.model.{name}", f"must be > 0, got {getattr(c, name)}")
-  _require(c.num_heads % c.num_kv_heads == 0, "config.model.num_heads",
+    require(getattr(c, name) > 0, f"config.model.{name}", f"must be > 0, got {getattr(c, name)}")
+  require(c.num_heads % c.num_kv_heads == 0, "config.model.num_heads",
            f"({c.num_heads}) must be divisible by config.model.num_kv_heads ({c.num_kv_heads})")
-  _require(c.activation_order >= 1, "config.model.activation_order",
+  require(c.activation_order >= 1, "config.model.activation_order",
            f"must be >= 1, got {c.activation_order}")
-  _require(c.activation_impl in activations.IMPLS, "config.model.activation_impl",
+  require(c.activation_impl in activations.IMPLS, "config.model.activation_impl",
            f"must be one of {activations.IMPLS}, got {c.activation_impl!r}")
-  _require(c.head_dim % 2 == 0, "config.model.head_dim", f"must be even for RoPE, got {c.head_dim}")
+  require(c.head_dim % 2 == 0, "config.model.head_dim", f"must be even for RoPE, got {c.head_dim}")
   for name in ("dtype", "param_dtype"):
-    _require(getattr(c, name) in DTYPES, f"config.model.{name}",
+    require(getattr(c, name) in DTYPES, f"config.model.{name}",
              f"must be one of {tuple(DTYPES)} (or auto), got {getattr(c, name)!r}")
-  _require(c.remat in REMAT_POLICIES, "config.model.remat",
+  require(c.remat in REMAT_POLICIES, "config.model.remat",
            f"must be one of {REMAT_POLICIES}, got {c.remat!r}")
-  _require(c.attention_impl in ATTENTION_IMPLS, "config.model.attention_impl",
+  require(c.attention_impl in ATTENTION_IMPLS, "config.model.attention_impl",
            f"must be one of {ATTENTION_IMPLS}, got {c.attention_impl!r}")
-  _require(c.init_std > 0, "config.model.init_std", f"must be > 0, got {c.init_std}")
-  _require(c.norm_eps > 0, "config.model.norm_eps", f"must be > 0, got {c.norm_eps}")
-  _require(c.num_experts >= 0, "config.model.num_experts", f"must be >= 0, got {c.num_experts}")
+  require(c.init_std > 0, "config.model.init_std", f"must be > 0, got {c.init_std}")
+  require(c.norm_eps > 0, "config.model.norm_eps", f"must be > 0, got {c.norm_eps}")
+  require(c.num_experts >= 0, "config.model.num_experts", f"must be >= 0, got {c.num_experts}")
   if c.num_experts:
-    _require(0 < c.num_experts_per_tok <= c.num_experts, "config.model.num_experts_per_tok",
+    require(0 < c.num_experts_per_tok <= c.num_experts, "config.model.num_experts_per_tok",
              f"must be in [1, num_experts={c.num_experts}], got {c.num_experts_per_tok}")
-    _require(c.moe_d_ff > 0, "config.model.moe_d_ff", f"must be > 0, got {c.moe_d_ff}")
-    _require(c.moe_impl in ("ragged", "capacity"), "config.model.moe_impl",
+    require(c.moe_d_ff > 0, "config.model.moe_d_ff", f"must be > 0, got {c.moe_d_ff}")
+    require(c.moe_impl in ("ragged", "capacity"), "config.model.moe_impl",
              f"must be one of ('ragged', 'capacity'), got {c.moe_impl!r}")
-    _require(c.moe_capacity_factor > 0, "config.model.moe_capacity_factor",
+    require(c.moe_capacity_factor > 0, "config.model.moe_capacity_factor",
              f"must be > 0, got {c.moe_capacity_factor}")
     for name in ("moe_aux_loss_weight", "moe_z_loss_weight"):
-      _require(getattr(c, name) >= 0, f"config.model.{name}",
+      require(getattr(c, name) >= 0, f"config.model.{name}",
                f"must be >= 0, got {getattr(c, name)}")
 
 

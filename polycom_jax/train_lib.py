@@ -30,7 +30,7 @@ from polycom_jax import model as model_lib
 from polycom_jax import moe as moe_lib
 from polycom_jax import optimizer as opt_lib
 from polycom_jax import sharding as sharding_lib
-from polycom_jax.config_errors import ConfigError
+from polycom_jax.config_errors import ConfigError, require
 
 NONFINITE_POLICIES = ("skip", "halt")
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
@@ -64,43 +64,38 @@ class Setup:
     return self.config.train.global_batch_size // jax.process_count()
 
 
-def _require(ok: bool, field: str, message: str):
-  if not ok:
-    raise ConfigError(f"{field} {message}")
-
-
 def validate_config(config: ml_collections.ConfigDict) -> model_lib.ModelConfig:
   """Checks every training field and the model config; returns the resolved ModelConfig."""
   mc = model_lib.ModelConfig.from_config(config.model)
   t = config.train
   for name in ("num_steps", "global_batch_size", "log_every"):
-    _require(t[name] > 0, f"config.train.{name}", f"must be > 0, got {t[name]}")
+    require(t[name] > 0, f"config.train.{name}", f"must be > 0, got {t[name]}")
   for name in ("checkpoint_every", "eval_every", "eval_batches", "warmup_steps",
                "micro_batch_size", "weight_decay", "grad_clip", "z_loss"):
-    _require(t[name] >= 0, f"config.train.{name}", f"must be >= 0, got {t[name]}")
-  _require(t.learning_rate > 0, "config.train.learning_rate", f"must be > 0, got {t.learning_rate}")
-  _require(0 <= t.min_learning_rate <= t.learning_rate, "config.train.min_learning_rate",
+    require(t[name] >= 0, f"config.train.{name}", f"must be >= 0, got {t[name]}")
+  require(t.learning_rate > 0, "config.train.learning_rate", f"must be > 0, got {t.learning_rate}")
+  require(0 <= t.min_learning_rate <= t.learning_rate, "config.train.min_learning_rate",
            f"must be in [0, learning_rate={t.learning_rate}], got {t.min_learning_rate}")
-  _require(t.keep_checkpoints >= 1, "config.train.keep_checkpoints",
+  require(t.keep_checkpoints >= 1, "config.train.keep_checkpoints",
            f"must be >= 1, got {t.keep_checkpoints}")
   if t.micro_batch_size:
-    _require(t.global_batch_size % t.micro_batch_size == 0, "config.train.micro_batch_size",
+    require(t.global_batch_size % t.micro_batch_size == 0, "config.train.micro_batch_size",
              f"({t.micro_batch_size}) must divide config.train.global_batch_size "
              f"({t.global_batch_size})")
-  _require(t.nonfinite_policy in NONFINITE_POLICIES, "config.train.nonfinite_policy",
+  require(t.nonfinite_policy in NONFINITE_POLICIES, "config.train.nonfinite_policy",
            f"must be one of {NONFINITE_POLICIES}, got {t.nonfinite_policy!r}")
-  _require(config.data.seq_len > 1, "config.data.seq_len", f"must be > 1, got {config.data.seq_len}")
-  _require(config.data.seq_len <= mc.max_seq_len, "config.data.seq_len",
+  require(config.data.seq_len > 1, "config.data.seq_len", f"must be > 1, got {config.data.seq_len}")
+  require(config.data.seq_len <= mc.max_seq_len, "config.data.seq_len",
            f"({config.data.seq_len}) is longer than config.model.max_seq_len ({mc.max_seq_len})")
   return mc
 
 
 def check_batch_divisible(batch: int, field: str, mesh: Mesh, rules):
   dp = sharding_lib.data_parallel_size(mesh, rules)
-  _require(batch % dp == 0, field,
+  require(batch % dp == 0, field,
            f"({batch}) must be divisible by the data-parallel size {dp} "
            f"(mesh {dict(mesh.shape)}, batch rows split over {dict(rules)['batch']})")
-  _require(batch % jax.process_count() == 0, field,
+  require(batch % jax.process_count() == 0, field,
            f"({batch}) must be divisible by the number of processes ({jax.process_count()})")
 
 
@@ -115,7 +110,7 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
     check_batch_divisible(t.micro_batch_size, "config.train.micro_batch_size", mesh, rules)
   check_batch_divisible(config.eval.batch_size, "config.eval.batch_size", mesh, rules)
   tokenizer = data_lib.get_tokenizer(config.data)
-  _require(tokenizer.vocab_size <= mc.vocab_size, "config.model.vocab_size",
+  require(tokenizer.vocab_size <= mc.vocab_size, "config.model.vocab_size",
            f"({mc.vocab_size}) is smaller than the tokenizer's vocabulary "
            f"({tokenizer.vocab_size}, config.data.tokenizer={config.data.tokenizer!r})")
   tx = opt_lib.make_optimizer(t)
