@@ -37,6 +37,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("head_dim", None),
     ("vocab", "tensor"),
     ("expert", "expert"),
+    ("layers", None),   # scan_layers' stacked-layer axis: not split (each layer's own axes are)
     # Activations: batch rows split like the batch, the residual stream whole on each device
     # (FSDP gathers weights, not activations), MLP hidden units and logits split like the weights
     # that produce them (so PolyNorm's row statistics need a reduction over `tensor`).
