@@ -4,15 +4,15 @@ Each token's router picks k of E experts; each chosen expert runs the configured
 token (PolyNorm normalises over that expert's own hidden vector, per token and expert), and the
 outputs are summed with the router weights. Two ways to compute it:
 - "ragged" (dropless): sort the N*k (token, expert) assignments by expert and run grouped matmuls
-  (`jax.lax.ragged_dot`) over the contiguous groups: no padding FLOPs, no dropped tokens. Under a
-  mesh it runs per shard (shard_map): each device routes its own tokens against every expert's
-  weights, gathered layer by layer as FSDP gathers dense weights, and the router statistics are
-  summed over the shards (so the losses equal the one-device ones). The fused Pallas activation
-  runs inside it as on one device. A `tensor` axis does not split this path's work.
+  (`jax.lax.ragged_dot`) over the contiguous groups: no padding FLOPs, no dropped tokens.
 - "capacity": each expert takes at most C = ceil(capacity_factor * N * k / E) assignments
   (later ones are dropped, in token order) into a dense [E, C, D] buffer and runs batched
-  matmuls. Sharding that buffer's E axis over the `expert` mesh axis is expert parallelism:
-  GSPMD moves tokens to their experts' devices with all-to-alls.
+  matmuls.
+Under a mesh both run per shard (shard_map): each device routes its own N tokens against every
+expert's weights, gathered layer by layer as FSDP gathers dense weights (the `expert` and `fsdp`
+axes split the weights' storage and the tokens; no all-to-all), and the router statistics are
+summed over the shards, so the losses equal the one-device ones; capacity is then per shard. The
+fused Pallas activation runs inside as on one device. A `tensor` axis does not split this work.
 The layer records the Switch/OLMoE load-balancing loss and the router z-loss as
 nnx.Intermediate values; `aux_losses(model)` collects them for the training loss.
 
@@ -104,14 +104,15 @@ class MoE(nnx.Module):
     w = self._weights()
     activate = functools.partial(_activate, self.spec, None if self.spec.has_params else self.act)
     layout = active_layout(RESIDUAL)
-    if c.moe_impl == "ragged" and layout is not None and _splits_rows(layout, b):
+    impl = activations.resolve_impl(c.activation_impl)
+    tokens_fn = _ragged_tokens if c.moe_impl == "ragged" else _capacity_tokens
+    if layout is not None and _splits_rows(layout, b):
       # Each device routes and computes its own tokens against all experts' weights (gathered
-      # per layer, like FSDP): GSPMD cannot partition the global sort of the ragged path and
-      # would replicate its [tokens * k, D] arrays on every chip.
+      # per layer, like FSDP). Left to GSPMD, the global sort (ragged) or position cumsum
+      # (capacity) over every token would be replicated on every chip.
       mesh, spec = layout
-      impl = activations.resolve_impl(c.activation_impl)
       axes = spec[0]
-      local = functools.partial(_ragged_tokens, c=c, activate=functools.partial(activate, impl))
+      local = functools.partial(tokens_fn, c=c, activate=functools.partial(activate, impl))
 
       def per_shard(x, w):
         y, sums = local(x.reshape(-1, d), w)
@@ -120,13 +121,11 @@ class MoE(nnx.Module):
       y, sums = jax.shard_map(per_shard, mesh=mesh, in_specs=(spec, P()),
                               out_specs=(spec, P()), check_vma=False)(x, w)
     else:
-      # Off a mesh the fused kernel runs as is; under one (the capacity path, or rows that do
-      # not split evenly) GSPMD partitions the layer, and it cannot partition a Pallas call.
-      impl = activations.resolve_impl(c.activation_impl)
+      # Rows that do not split evenly over the mesh: GSPMD partitions the layer, and it
+      # cannot partition a Pallas call.
       if impl == "pallas" and layout is not None:
         impl = "xla"
-      fn = _ragged_tokens if c.moe_impl == "ragged" else _capacity_tokens
-      y, sums = fn(x.reshape(b * t, d), w, c=c, activate=functools.partial(activate, impl))
+      y, sums = tokens_fn(x.reshape(b * t, d), w, c=c, activate=functools.partial(activate, impl))
       y = y.reshape(b, t, d)
     # Set on every call (not at construction) so the params-only state still merges.
     self.load_balance = RouterStats(_load_balance_from_sums(sums, c.num_experts_per_tok))
