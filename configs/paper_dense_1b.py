@@ -10,11 +10,12 @@ model given by --config.data.tokenizer_path.
 
 Mesh: FSDP over all devices (8 GPUs, or a v5p-32 slice's 16 chips: parameters and Adam state,
 ~16 GB in float32, shard 8 or 16 ways; 64 sequences = 8 or 4 per device) with full
-rematerialisation. Compiled ahead of time for TPU v5p (XLA attention, which materialises the
-[T, T] scores): 0.9 GiB of state + 32 GiB of scratch per chip on 16 chips (of 95 GiB), 1.9 + 65
-GiB on 8. On GPUs attention_impl auto can use cuDNN's fused attention, which does not
-materialise the scores; with less memory, --config.train.micro_batch_size=32 (gradient
-accumulation) roughly halves the scratch. Several TPU slices or GPU nodes joined by DCN: data
+rematerialisation and the layers scanned (one compiled block). Compiled ahead of time for a
+v5p-32 (XLA attention, which materialises the [T, T] scores): 0.94 GiB of state + 12.5 GiB of
+scratch per chip (of 95 GiB; the largest batch that fits is 480); on a v5e-16 (16 GiB) the
+paper's batch fits too (benchmarks/RESULTS.md, "TPU compile check"). On GPUs attention_impl auto
+can use cuDNN's fused attention, which does not materialise the scores; with less memory,
+--config.train.micro_batch_size=32 (gradient accumulation) roughly halves the scratch. Several TPU slices or GPU nodes joined by DCN: data
 parallel across them, FSDP inside each, e.g. 2 x v5p-32: --config.mesh.data=2
 --config.mesh.dcn_data=2 (fsdp -1 then fills each slice); across 4 GPU nodes with InfiniBand,
 plain --config.mesh.fsdp=-1 over all 32 GPUs also works.

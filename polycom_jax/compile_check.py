@@ -16,7 +16,9 @@ the step failed to compile), 2 bad config / topology / libtpu missing.
 With config.model.scan_layers (the paper configs' default) the step holds one scanned block, so
 it compiles in seconds at any depth; XLA's cost analysis then counts the loop body once, so the
 FLOPs and bytes reported are extrapolated from unrolled 1- and 2-layer compiles of the same step
-(they are affine in the number of layers): f(L) = f(1) + (L - 1) * (f(2) - f(1)).
+(they are affine in the number of layers): f(L) = f(1) + (L - 1) * (f(2) - f(1)). Likewise the
+gradient-accumulation loop (config.train.micro_batch_size): the train step's cost is multiplied
+by the number of micro-batches.
 
 For the target backend, "auto" settings resolve as on a TPU: config.model.activation_impl
 "auto" -> "pallas" (so the fused kernels go through the Mosaic compile) and dtype "auto" ->
@@ -296,11 +298,20 @@ def run(config, topology: str, skip_eval: bool = False, max_batch: bool = False,
   except ConfigError as e:
     raise ConfigError(f"--topology={topology}: {e}") from None
   mc = s.model_config
+  t = config.train
+  notes = []
   if mc.scan_layers and not any(r.oom for r in reports):
     unrolled_costs(config, devices, reports)
+    notes.append("unrolled 1-, 2-layer extrapolation")
+  accum = t.global_batch_size // t.micro_batch_size if t.micro_batch_size else 1
+  if accum > 1:
+    # The accumulation loop's body is counted once too (the optimizer update, outside it, is a
+    # negligible part of the step's cost).
+    reports[0].flops *= accum
+    reports[0].bytes_accessed *= accum
+    notes.append(f"train: x {accum} micro-batches")
   hbm = HBM_BYTES.get(kind)
   n = len(devices)
-  t = config.train
   seq = config.data.seq_len
   model_flops = model_lib.flops_per_token(mc, seq) * t.global_batch_size * seq / n
   result = {"topology": topology, "device_kind": kind, "num_chips": n,
@@ -323,7 +334,7 @@ def run(config, topology: str, skip_eval: bool = False, max_batch: bool = False,
   w()
   w("| per chip | " + " | ".join(r.name for r in reports) + " |")
   w("|---|" + "---:|" * len(reports))
-  flops_note = " (unrolled 1-, 2-layer extrapolation)" if mc.scan_layers else ""
+  flops_note = f" ({'; '.join(notes)})" if notes else ""
   rows = [
       ("parameters", [g(params_b)] * len(reports)),
       ("optimizer state", [g(opt_b)] + [g(0)] * (len(reports) - 1)),

@@ -148,6 +148,22 @@ def test_scanned_layers_compile_and_report_full_depth_flops(tmp_path):
 
 
 @needs_libtpu
+def test_gradient_accumulation_reports_the_whole_step_flops(tmp_path):
+  """XLA counts the accumulation loop's body once; the tool scales it back: two micro-batches
+  of 4 report the FLOPs of one batch of 8 (within 5%: XLA fuses the two programs differently;
+  unscaled, they would be half)."""
+  results = {}
+  for micro in (0, 4):
+    out = tmp_path / f"micro_{micro}.json"
+    proc = run_tool("--topology=v5e:2x2", "--skip_eval", "--config.train.global_batch_size=8",
+                    f"--config.train.micro_batch_size={micro}", "--config.data.seq_len=512",
+                    "--config.model.max_seq_len=512", json_out=out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results[micro] = json.loads(out.read_text())["steps"]["train"]
+  np.testing.assert_allclose(results[4]["flops"], results[0]["flops"], rtol=0.05)
+
+
+@needs_libtpu
 def test_max_batch_finds_the_boundary(tmp_path):
   """--max_batch: the batch it reports compiled and fit, the next multiple of the data-parallel
   size compiled and did not (the search's own log, from real compiles for a 16 GiB v5e)."""
