@@ -55,8 +55,10 @@ def rows(which: str) -> list[tuple[str, object, str, bool]]:
     for topology, impl, micro in moe_rows:
       c = paper_moe.get_config()
       c.model.moe_impl = impl
-      c.train.micro_batch_size = micro
-      label = f"MoE 10.1B, polynorm, {impl}" + (f", micro-batch {micro}" if micro else "")
+      if micro:
+        c.train.micro_batch_size = c.eval.batch_size = micro
+      label = f"MoE 10.1B, polynorm, {impl}"
+      label += f", micro-batch (and eval batch) {micro}" if micro else ""
       out.append((label, c, topology, impl in SEARCHED and not micro))
   return out
 

@@ -15,7 +15,8 @@ v5p-32 (XLA attention, which materialises the [T, T] scores): 0.94 GiB of state 
 scratch per chip (of 95 GiB; the largest batch that fits is 480); on a v5e-16 (16 GiB) the
 paper's batch fits too (benchmarks/RESULTS.md, "TPU compile check"). On GPUs attention_impl auto
 can use cuDNN's fused attention, which does not materialise the scores; with less memory,
---config.train.micro_batch_size=32 (gradient accumulation) roughly halves the scratch. Several TPU slices or GPU nodes joined by DCN: data
+--config.train.micro_batch_size=32 (gradient accumulation) roughly halves the scratch. Several
+TPU slices or GPU nodes joined by DCN: data
 parallel across them, FSDP inside each, e.g. 2 x v5p-32: --config.mesh.data=2
 --config.mesh.dcn_data=2 (fsdp -1 then fills each slice); across 4 GPU nodes with InfiniBand,
 plain --config.mesh.fsdp=-1 over all 32 GPUs also works.

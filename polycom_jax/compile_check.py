@@ -225,10 +225,11 @@ def unrolled_costs(config, devices, reports):
   """Sets each report's flops / bytes_accessed to the full-depth cost, extrapolated from
   unrolled 1- and 2-layer compiles (a scanned step's cost analysis counts its body once)."""
   layers = config.model.num_layers
-  small = [compile_steps(_with_model(config, num_layers=n, scan_layers=False), devices,
-                         skip_eval=len(reports) == 1)[1] for n in (1, 2)]
-  for i, r in enumerate(reports):
-    one, two = small[0][i], small[1][i]
+  small = [{r.name: r for r in compile_steps(
+      _with_model(config, num_layers=n, scan_layers=False), devices,
+      skip_eval=all(r.name != "eval" for r in reports))[1]} for n in (1, 2)]
+  for r in reports:
+    one, two = small[0][r.name], small[1][r.name]
     r.flops = one.flops + (layers - 1) * (two.flops - one.flops)
     r.bytes_accessed = one.bytes_accessed + (layers - 1) * (two.bytes_accessed - one.bytes_accessed)
 
@@ -300,11 +301,12 @@ def run(config, topology: str, skip_eval: bool = False, max_batch: bool = False,
   mc = s.model_config
   t = config.train
   notes = []
-  if mc.scan_layers and not any(r.oom for r in reports):
-    unrolled_costs(config, devices, reports)
+  compiled = [r for r in reports if not r.oom]
+  if mc.scan_layers and compiled:
+    unrolled_costs(config, devices, compiled)
     notes.append("unrolled 1-, 2-layer extrapolation")
   accum = t.global_batch_size // t.micro_batch_size if t.micro_batch_size else 1
-  if accum > 1:
+  if accum > 1 and not reports[0].oom:
     # The accumulation loop's body is counted once too (the optimizer update, outside it, is a
     # negligible part of the step's cost).
     reports[0].flops *= accum
@@ -386,9 +388,10 @@ def main(argv):
     print(f"error: {_TOPOLOGY.value}: {e}", file=sys.stderr)
     sys.exit(1)
   if not result["fits"]:
-    worst = max(s["total"] for s in result["steps"].values())
-    print(f"error: does not fit: {worst / GiB:.2f} GiB per chip needed"
-          f"{' or more (the compiler gave up)' if any(s['oom'] for s in result['steps'].values()) else ''}, "
+    steps = result["steps"].values()
+    worst = max(s["total"] for s in steps)
+    gave_up = " or more (the compiler gave up)" if any(s["oom"] for s in steps) else ""
+    print(f"error: does not fit: {worst / GiB:.2f} GiB per chip needed{gave_up}, "
           f"{result['hbm_bytes'] / GiB:.2f} GiB HBM on {result['device_kind']}", file=sys.stderr)
     sys.exit(1)
 
