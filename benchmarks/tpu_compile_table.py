@@ -76,9 +76,9 @@ def one_row(label: str, config, topology: str, search: bool) -> dict:
 def markdown(results: list[dict]) -> str:
   g = lambda b: f"{b / GiB:.2f}"
   lines = [
-      "| config | slice (mesh) | state/chip (GiB) | train temp/chip | train total/chip | HBM | "
-      "fits at the paper's batch | largest global batch that fits | XLA FLOPs/chip | "
-      "model FLOPs/chip | eval total/chip | compile train / eval |",
+      "| config | slice (mesh) | state/chip (GiB) | train temp/chip (GiB) | train total/chip "
+      "(GiB) | HBM (GiB) | fits at the paper's batch | largest global batch that fits | "
+      "XLA FLOPs/chip | model FLOPs/chip | eval total/chip (GiB) | compile train / eval |",
       "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
   for r in results:
     if "error" in r:
