@@ -86,7 +86,7 @@ class ModelConfig:
     require(m["d_model"] > 0, "config.model.d_model", "must be > 0")
     if not m.get("head_dim"):
       require(m["d_model"] % m["num_heads"] == 0, "config.model.d_model",
-               f"({m['d_model']}) must be divisible by config.model.num_heads ({m['num_heads']})")
+              f"({m['d_model']}) must be divisible by config.model.num_heads ({m['num_heads']})")
       m["head_dim"] = m["d_model"] // m["num_heads"]
     multiple = m.pop("d_ff_multiple_of", 128)
     ungated = m.pop("ungated_d_ff", 4 * m["d_model"])
@@ -117,33 +117,33 @@ def _validate(c: ModelConfig):
                "d_ff", "max_seq_len"):
     require(getattr(c, name) > 0, f"config.model.{name}", f"must be > 0, got {getattr(c, name)}")
   require(c.num_heads % c.num_kv_heads == 0, "config.model.num_heads",
-           f"({c.num_heads}) must be divisible by config.model.num_kv_heads ({c.num_kv_heads})")
+          f"({c.num_heads}) must be divisible by config.model.num_kv_heads ({c.num_kv_heads})")
   require(c.activation_order >= 1, "config.model.activation_order",
-           f"must be >= 1, got {c.activation_order}")
+          f"must be >= 1, got {c.activation_order}")
   require(c.activation_impl in activations.IMPLS, "config.model.activation_impl",
-           f"must be one of {activations.IMPLS}, got {c.activation_impl!r}")
+          f"must be one of {activations.IMPLS}, got {c.activation_impl!r}")
   require(c.head_dim % 2 == 0, "config.model.head_dim", f"must be even for RoPE, got {c.head_dim}")
   for name in ("dtype", "param_dtype"):
     require(getattr(c, name) in DTYPES, f"config.model.{name}",
-             f"must be one of {tuple(DTYPES)} (or auto), got {getattr(c, name)!r}")
+            f"must be one of {tuple(DTYPES)} (or auto), got {getattr(c, name)!r}")
   require(c.remat in REMAT_POLICIES, "config.model.remat",
-           f"must be one of {REMAT_POLICIES}, got {c.remat!r}")
+          f"must be one of {REMAT_POLICIES}, got {c.remat!r}")
   require(c.attention_impl in ATTENTION_IMPLS, "config.model.attention_impl",
-           f"must be one of {ATTENTION_IMPLS}, got {c.attention_impl!r}")
+          f"must be one of {ATTENTION_IMPLS}, got {c.attention_impl!r}")
   require(c.init_std > 0, "config.model.init_std", f"must be > 0, got {c.init_std}")
   require(c.norm_eps > 0, "config.model.norm_eps", f"must be > 0, got {c.norm_eps}")
   require(c.num_experts >= 0, "config.model.num_experts", f"must be >= 0, got {c.num_experts}")
   if c.num_experts:
     require(0 < c.num_experts_per_tok <= c.num_experts, "config.model.num_experts_per_tok",
-             f"must be in [1, num_experts={c.num_experts}], got {c.num_experts_per_tok}")
+            f"must be in [1, num_experts={c.num_experts}], got {c.num_experts_per_tok}")
     require(c.moe_d_ff > 0, "config.model.moe_d_ff", f"must be > 0, got {c.moe_d_ff}")
     require(c.moe_impl in ("ragged", "capacity"), "config.model.moe_impl",
-             f"must be one of ('ragged', 'capacity'), got {c.moe_impl!r}")
+            f"must be one of ('ragged', 'capacity'), got {c.moe_impl!r}")
     require(c.moe_capacity_factor > 0, "config.model.moe_capacity_factor",
-             f"must be > 0, got {c.moe_capacity_factor}")
+            f"must be > 0, got {c.moe_capacity_factor}")
     for name in ("moe_aux_loss_weight", "moe_z_loss_weight"):
       require(getattr(c, name) >= 0, f"config.model.{name}",
-               f"must be >= 0, got {getattr(c, name)}")
+              f"must be >= 0, got {getattr(c, name)}")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -75,28 +75,28 @@ def validate_config(config: ml_collections.ConfigDict) -> model_lib.ModelConfig:
     require(t[name] >= 0, f"config.train.{name}", f"must be >= 0, got {t[name]}")
   require(t.learning_rate > 0, "config.train.learning_rate", f"must be > 0, got {t.learning_rate}")
   require(0 <= t.min_learning_rate <= t.learning_rate, "config.train.min_learning_rate",
-           f"must be in [0, learning_rate={t.learning_rate}], got {t.min_learning_rate}")
+          f"must be in [0, learning_rate={t.learning_rate}], got {t.min_learning_rate}")
   require(t.keep_checkpoints >= 1, "config.train.keep_checkpoints",
-           f"must be >= 1, got {t.keep_checkpoints}")
+          f"must be >= 1, got {t.keep_checkpoints}")
   if t.micro_batch_size:
     require(t.global_batch_size % t.micro_batch_size == 0, "config.train.micro_batch_size",
-             f"({t.micro_batch_size}) must divide config.train.global_batch_size "
-             f"({t.global_batch_size})")
+            f"({t.micro_batch_size}) must divide config.train.global_batch_size "
+            f"({t.global_batch_size})")
   require(t.nonfinite_policy in NONFINITE_POLICIES, "config.train.nonfinite_policy",
-           f"must be one of {NONFINITE_POLICIES}, got {t.nonfinite_policy!r}")
+          f"must be one of {NONFINITE_POLICIES}, got {t.nonfinite_policy!r}")
   require(config.data.seq_len > 1, "config.data.seq_len", f"must be > 1, got {config.data.seq_len}")
   require(config.data.seq_len <= mc.max_seq_len, "config.data.seq_len",
-           f"({config.data.seq_len}) is longer than config.model.max_seq_len ({mc.max_seq_len})")
+          f"({config.data.seq_len}) is longer than config.model.max_seq_len ({mc.max_seq_len})")
   return mc
 
 
 def check_batch_divisible(batch: int, field: str, mesh: Mesh, rules):
   dp = sharding_lib.data_parallel_size(mesh, rules)
   require(batch % dp == 0, field,
-           f"({batch}) must be divisible by the data-parallel size {dp} "
-           f"(mesh {dict(mesh.shape)}, batch rows split over {dict(rules)['batch']})")
+          f"({batch}) must be divisible by the data-parallel size {dp} "
+          f"(mesh {dict(mesh.shape)}, batch rows split over {dict(rules)['batch']})")
   require(batch % jax.process_count() == 0, field,
-           f"({batch}) must be divisible by the number of processes ({jax.process_count()})")
+          f"({batch}) must be divisible by the number of processes ({jax.process_count()})")
 
 
 def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
@@ -111,8 +111,8 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
   check_batch_divisible(config.eval.batch_size, "config.eval.batch_size", mesh, rules)
   tokenizer = data_lib.get_tokenizer(config.data)
   require(tokenizer.vocab_size <= mc.vocab_size, "config.model.vocab_size",
-           f"({mc.vocab_size}) is smaller than the tokenizer's vocabulary "
-           f"({tokenizer.vocab_size}, config.data.tokenizer={config.data.tokenizer!r})")
+          f"({mc.vocab_size}) is smaller than the tokenizer's vocabulary "
+          f"({tokenizer.vocab_size}, config.data.tokenizer={config.data.tokenizer!r})")
   tx = opt_lib.make_optimizer(t)
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_lib.Transformer(mc, nnx.Rngs(0))))
   abstract = jax.eval_shape(_init_fn(mc, tx, config.seed))
