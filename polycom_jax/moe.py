@@ -121,8 +121,8 @@ class MoE(nnx.Module):
       y, sums = jax.shard_map(per_shard, mesh=mesh, in_specs=(spec, P()),
                               out_specs=(spec, P()), check_vma=False)(x, w)
     else:
-      # Rows that do not split evenly over the mesh: GSPMD partitions the layer, and it
-      # cannot partition a Pallas call.
+      # Off a mesh, or rows that do not split evenly over it: then GSPMD partitions the layer,
+      # and it cannot partition a Pallas call.
       if impl == "pallas" and layout is not None:
         impl = "xla"
       y, sums = tokens_fn(x.reshape(b * t, d), w, c=c, activate=functools.partial(activate, impl))

@@ -128,6 +128,21 @@ def test_auxiliary_losses_match_their_formulas():
   assert moe.router_z_loss(logits) == pytest.approx(np.mean(np.square(lse)), rel=1e-6)
 
 
+@pytest.mark.parametrize("impl", ["ragged", "capacity"])
+def test_layer_records_the_formulas_losses(impl):
+  """The layer computes its losses from sums (which add up across shards); they equal the
+  formulas on the whole batch."""
+  c = _config(moe_impl=impl)
+  layer = _layer(c)
+  x = jax.random.normal(jax.random.key(5), (3, 7, D))
+  layer(x)
+  logits = x.reshape(-1, D) @ layer.router[...]
+  _, experts, probs = moe.route(logits, K, c.moe_renormalize)
+  np.testing.assert_allclose(layer.load_balance[...],
+                             moe.load_balancing_loss(probs, experts, E), rtol=1e-6)
+  np.testing.assert_allclose(layer.router_z[...], moe.router_z_loss(logits), rtol=1e-6)
+
+
 def test_gradients_reach_router_experts_and_coefficients():
   c = _config(activation_per_expert=True)
   layer = _layer(c)
