@@ -14,7 +14,7 @@ config.json instead of --config and prints the overrides train.py / eval.py then
 from absl import app, flags
 from ml_collections import config_flags
 
-from polycom_jax import cli, distributed, interop
+from polycom_jax import cli, distributed, hf_files, interop
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.",
                                           lock_config=True)
@@ -38,7 +38,7 @@ def _model_overrides(config, fields: dict) -> list[str]:
 
 def _import(config) -> str:
   if _MODEL_FROM_HF.value:
-    hf, _ = interop.read_hf_dir(_HF_DIR.value)
+    hf, _ = hf_files.read_hf_dir(_HF_DIR.value)
     fields = interop.model_fields_from_hf(hf)
     overrides = _model_overrides(config, fields)
     config = config.copy_and_resolve_references()

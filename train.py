@@ -9,7 +9,7 @@ checkpoint and exit 0; run the same command to continue.
 from absl import app, flags
 from ml_collections import config_flags
 
-from polycom_jax import cli, distributed, train_lib
+from polycom_jax import cli, distributed, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.",
                                           lock_config=True)
@@ -19,7 +19,7 @@ distributed.define_flags()
 
 def main(argv):
   del argv
-  cli.run(lambda: train_lib.train(_CONFIG.value, _WORKDIR.value))
+  cli.run(lambda: loop.train(_CONFIG.value, _WORKDIR.value))
 
 
 if __name__ == "__main__":

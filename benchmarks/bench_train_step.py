@@ -2,8 +2,8 @@
 
   python -m benchmarks.bench_train_step [--preset=cpu|gpu] [--steps=20] [--out=RESULTS.md]
 
-For each activation it builds the model and a jitted train step (the real one from train_lib,
-with the optimizer) on a fixed random batch, times `--steps` steps after warm-up (median), and
+For each activation it builds the model and a jitted train step (the model's loss and the
+training optimizer, polycom_jax.optimizer) on a fixed random batch, times `--steps` steps after warm-up (median), and
 reads the compiled step's memory analysis (peak device memory where the backend reports it).
 Then it sweeps sequence length and d_model for PolyNorm and SwiGLU. Imports only jax, optax,
 flax, numpy and the project, so it runs on the GPU machine without the data stack.

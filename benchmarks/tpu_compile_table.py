@@ -1,4 +1,4 @@
-"""The paper configs compiled for TPU slices (polycom_jax.compile_check), as one markdown table.
+"""The paper configs compiled for TPU slices (compile_check.py, polycom_jax/compile_check.py), as one markdown table.
 
   .venv-tpu/bin/python -m benchmarks.tpu_compile_table [--rows=dense|moe|all] [--json=FILE]
       [--resume=FILE] [--out=RESULTS.md]

@@ -21,7 +21,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import plotting
-from polycom_jax import downstream, evaluation, model as model_lib, train_lib
+from polycom_jax import downstream, evaluation, loop, model as model_lib
 from polycom_jax.config_errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/compare_small.py", "Sweep config.")
@@ -42,7 +42,7 @@ def run_one(config, activation: str, seed: int, out: str, tasks: list) -> dict:
   c.seed = seed
   c.data.shuffle_seed = seed
   workdir = os.path.join(out, "runs", f"{activation}_seed{seed}")
-  train_lib.train(c, workdir)
+  loop.train(c, workdir)
   ev = evaluation.evaluate_checkpoint(c, workdir, with_unigram=False)
   records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   downstream_acc = {}

@@ -54,14 +54,13 @@ def init(key, name: str, dim: int, width: int) -> dict:
 
 def forward(p: dict, name: str, x: jax.Array) -> jax.Array:
   h = x @ p["w1"] + p["b1"]                                       # [N, width]
-  if name == "polynorm":
-    h = activations.poly_norm(h, p["cw"], p["cb"], impl="xla")
-  elif name == "polyrelu":
-    h = activations.poly_relu(h, p["cw"], p["cb"], impl="xla")
-  elif activations.get(name).gated:
-    h = activations.get(name).fn(x @ p["wg"] + p["bg"]) * h
+  act = activations.get(name)
+  if act.has_params:
+    h = act.fn(h, p["cw"], p["cb"], impl="xla")
+  elif act.gated:
+    h = act.fn(x @ p["wg"] + p["bg"]) * h
   else:
-    h = activations.get(name).fn(h)
+    h = act.fn(h)
   return (h @ p["w2"] + p["b2"])[:, 0]
 
 

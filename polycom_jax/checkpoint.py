@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from polycom_jax.config_errors import ConfigError
+from polycom_jax.config_errors import ConfigError, RunError
 
 # Config fields that must agree between a checkpoint and the run restoring it (the params'
 # shapes and meaning depend on them). Everything else (steps, lr, mesh, ...) may change.
@@ -27,7 +27,7 @@ MODEL_FIELDS_EXEMPT = ("activation_impl", "attention_impl", "remat", "dtype",
                        "moe_impl", "moe_capacity_factor")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RunError):
   """A checkpoint could not be written or read; the message names the path."""
 
 
@@ -82,6 +82,7 @@ class Checkpointer:
     self.incomplete = incomplete_checkpoints(self.directory)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "data", "config"))
+    self._closed = False
 
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -159,6 +160,10 @@ class Checkpointer:
       raise self._save_error(self.latest_step() or -1, e) from e
 
   def close(self):
+    """Waits for the last async save and releases the manager; a second call does nothing."""
+    if self._closed:
+      return
+    self._closed = True
     self.wait()
     self._manager.close()
 
@@ -198,8 +203,3 @@ def check_compatible(saved: dict, current: dict):
   if diffs:
     raise ConfigError("the checkpoint was written by a different model:\n  " + "\n  ".join(diffs)
                       + "\nuse another --workdir, or the checkpoint's config")
-
-
-def abstract_like(tree: Any) -> Any:
-  """ShapeDtypeStructs (with shardings) of a tree of arrays, as a restore target."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

@@ -1,17 +1,14 @@
 """Compile a config's real sharded train and eval steps for a TPU topology, without the TPU.
 
-  python -m polycom_jax.compile_check --config=configs/paper_dense_1b.py --topology=v5p:2x2x4 \
-      [--config.a.b=v ...] [--skip_eval]
-
-With libtpu installed (`pip install "jax[tpu]==<jax version>"`, best in a separate venv: it is a
-tool/test extra, not a runtime requirement), JAX describes a named TPU slice on a plain CPU
-machine (jax.experimental.topologies) and compiles for it with the real TPU compiler (XLA TPU +
-Mosaic for the Pallas kernels). This builds the mesh from the slice's devices with the config's
-parallelism, lowers and compiles the train step (and the eval step) from abstract shapes only,
-and prints per-chip memory against the chip's HBM, XLA's cost analysis, the model FLOPs from
-the exact formula and the compile times. --max_batch also searches for the largest global batch
-whose train step fits. Exit status: 0 fits, 1 does not fit (the compiler ran out of memory, or
-the step failed to compile), 2 bad config / topology / libtpu missing.
+The library behind `compile_check.py` (the entry point, which sets JAX_PLATFORMS=cpu before JAX
+starts). With libtpu installed (`pip install "jax[tpu]==<jax version>"`, best in a separate venv:
+it is a tool/test extra, not a runtime requirement), JAX describes a named TPU slice on a plain
+CPU machine (jax.experimental.topologies) and compiles for it with the real TPU compiler (XLA TPU
++ Mosaic for the Pallas kernels). `run` builds the mesh from the slice's devices with the
+config's parallelism, lowers and compiles the train step (and the eval step) from abstract shapes
+only, and prints per-chip memory against the chip's HBM, XLA's cost analysis, the model FLOPs
+from the exact formula and the compile times; `max_batch` also searches for the largest global
+batch whose train step fits.
 
 With config.model.scan_layers (the paper configs' default) the step holds one scanned block, so
 it compiles in seconds at any depth; XLA's cost analysis then counts the loop body once, so the
@@ -29,37 +26,20 @@ given (only the vocabulary size check and the eval step's byte table use it).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import re
 import sys
 import time
-
-# Compile on this (CPU) machine; several libtpu users at once (tests, parallel checks) need
-# libtpu's single-process lock relaxed.
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-
-from absl import app, flags
-from ml_collections import config_flags
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from polycom_jax.config_errors import ConfigError
-
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.",
-                                          lock_config=True)
-_TOPOLOGY = flags.DEFINE_string(
-    "topology", None, "TPU slice, e.g. v5p:2x2x2 (8 chips), v5e:4x4 (16), v4:2x2x2, v6e:2x2.",
-    required=True)
-_SKIP_EVAL = flags.DEFINE_bool("skip_eval", False, "Compile the train step only.")
-_JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the numbers (bytes) to this file.")
-_MAX_BATCH = flags.DEFINE_bool(
-    "max_batch", False, "Also search for the largest global batch (without gradient "
-    "accumulation) whose train step fits: a few more compiles.")
+from polycom_jax import model as model_lib
+from polycom_jax import setup as setup_lib
+from polycom_jax import sharding as sharding_lib
+from polycom_jax import steps as steps_lib
+from polycom_jax.config_errors import ConfigError, RunError
 
 GiB = 2 ** 30
 # HBM per chip by jax device_kind (the kinds libtpu reports for v4:, v5p:, v5e:, v6e: slices).
@@ -71,7 +51,7 @@ HBM_BYTES = {
 }
 
 
-class CompileError(RuntimeError):
+class CompileError(RunError):
   """The TPU compiler rejected a step for a reason other than memory."""
 
 
@@ -192,17 +172,16 @@ def compile_step(name: str, jitted, *args, argument_bytes: int = 0) -> StepRepor
 def compile_steps(config, devices, skip_eval: bool = False):
   """(setup, [train report, eval report], param bytes, optimizer-state bytes) of a config
   compiled for `devices`; ConfigError when the config's mesh does not fit them."""
-  from polycom_jax import train_lib
   try:
-    s = train_lib.setup(config, devices=devices)
+    s = setup_lib.setup(config, devices=devices)
   except ConfigError as e:
     raise ConfigError(f"the topology has {len(devices)} chips ({devices[0].device_kind}) but "
                       f"the config does not fit them: {e}") from None
   params_b = per_chip_bytes(s.abstract_state["params"])
   opt_b = per_chip_bytes(s.abstract_state["opt_state"]) + per_chip_bytes(s.abstract_state["step"])
-  train_step = train_lib.make_train_step(s)
+  train_step = steps_lib.make_train_step(s)
   # Built outside the mesh context: its byte table is a host constant, not a TPU array.
-  eval_step = None if skip_eval else train_lib.make_eval_step(s)
+  eval_step = None if skip_eval else steps_lib.make_eval_step(s)
   with jax.set_mesh(s.mesh):
     batch = abstract_batch(s, config.train.global_batch_size)
     reports = [compile_step("train", train_step, s.abstract_state, batch,
@@ -288,9 +267,6 @@ def run(config, topology: str, skip_eval: bool = False, max_batch: bool = False,
         out=sys.stdout) -> dict:
   """Compiles and reports; returns the numbers. Raises ConfigError for bad input,
   CompileError when a step does not compile."""
-  from polycom_jax import model as model_lib
-  from polycom_jax import sharding as sharding_lib
-
   devices = get_topology_devices(topology)
   kind = devices[0].device_kind
   config = prepare_config(config)
@@ -372,29 +348,3 @@ def run(config, topology: str, skip_eval: bool = False, max_batch: bool = False,
     w(f"largest global batch that fits: {best} ({best // dp} per data-parallel group"
       f"{', ' + str(best * seq // n) + ' tokens per chip' if best else ''})")
   return result
-
-
-def main(argv):
-  del argv
-  try:
-    result = run(_CONFIG.value, _TOPOLOGY.value, _SKIP_EVAL.value, _MAX_BATCH.value)
-    if _JSON_OUT.value:
-      with open(_JSON_OUT.value, "w") as f:
-        json.dump(result, f, indent=1)
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except CompileError as e:
-    print(f"error: {_TOPOLOGY.value}: {e}", file=sys.stderr)
-    sys.exit(1)
-  if not result["fits"]:
-    steps = result["steps"].values()
-    worst = max(s["total"] for s in steps)
-    gave_up = " or more (the compiler gave up)" if any(s["oom"] for s in steps) else ""
-    print(f"error: does not fit: {worst / GiB:.2f} GiB per chip needed{gave_up}, "
-          f"{result['hbm_bytes'] / GiB:.2f} GiB HBM on {result['device_kind']}", file=sys.stderr)
-    sys.exit(1)
-
-
-if __name__ == "__main__":
-  app.run(main)

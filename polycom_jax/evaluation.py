@@ -1,11 +1,11 @@
-"""Evaluate a checkpoint: restore onto the current devices, validation metrics, text samples."""
+"""Evaluation: the validation loop, a checkpoint restored onto the current devices, samples."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -15,21 +15,50 @@ from flax import nnx
 
 from polycom_jax import checkpoint as ckpt_lib
 from polycom_jax import data as data_lib
+from polycom_jax import metrics as metrics_lib
 from polycom_jax import model as model_lib
-from polycom_jax import train_lib
+from polycom_jax import setup as setup_lib
+from polycom_jax import steps as steps_lib
+from polycom_jax.setup import Setup
+
+
+def evaluate(s: Setup, eval_step, params, batches: Iterable[dict]) -> dict:
+  """Loss, perplexity, bits per byte and token count over the batches."""
+  totals = {"nll": 0.0, "tokens": 0.0, "bytes": 0.0}
+  with jax.set_mesh(s.mesh):
+    for local in batches:
+      out = jax.device_get(eval_step(params, steps_lib.global_batch(s, local)))
+      for k in totals:
+        totals[k] += float(out[k])
+  if hasattr(batches, "close"):
+    batches.close()                  # grain worker processes and their shared memory
+  tokens = max(totals["tokens"], 1.0)
+  loss = totals["nll"] / tokens
+  result = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(totals["tokens"])}
+  if totals["bytes"] > 0:
+    result["bits_per_byte"] = totals["nll"] / math.log(2) / totals["bytes"]
+  return result
+
+
+def eval_batches(s: Setup, max_batches: int, batch_size: int) -> Iterator[dict]:
+  """This process's share of the validation batches (global batch_size rows each)."""
+  return data_lib.make_eval_iterator(
+      s.config.data, s.tokenizer, batch_size=batch_size // jax.process_count(),
+      max_batches=max_batches, process_index=jax.process_index(),
+      process_count=jax.process_count())
 
 
 def restore_params(config: ml_collections.ConfigDict, workdir: str, step: int | None = None,
-                   devices=None) -> tuple[train_lib.Setup, Any, int]:
+                   devices=None) -> tuple[Setup, Any, int]:
   """(setup, params, step) for a workdir's checkpoint, resharded onto this run's mesh."""
-  s = train_lib.setup(config, devices)
+  s = setup_lib.setup(config, devices)
   checkpointer = ckpt_lib.Checkpointer(workdir, async_save=False)
-  current = train_lib.config_as_dict(config)
+  current = setup_lib.config_as_dict(config)
   try:
     if step is None:
       ckpt_lib.resolve_step(checkpointer, None)           # a clear error when there is none
       step, state, _ = checkpointer.restore_latest_good(s.abstract_state, current,
-                                                         warn=train_lib.log)
+                                                         warn=metrics_lib.log)
     else:
       step = ckpt_lib.resolve_step(checkpointer, step)
       ckpt_lib.check_compatible(checkpointer.read_config(step), current)
@@ -44,7 +73,7 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, step: int | 
   return s, state["params"], step
 
 
-def unigram_loss(s: train_lib.Setup, num_train_batches: int, eval_max_batches: int) -> float:
+def unigram_loss(s: Setup, num_train_batches: int, eval_max_batches: int) -> float:
   """Cross-entropy (nats/token) of a unigram model fit on training batches, on the eval batches:
   the floor a language model must beat to have learned anything beyond token frequencies."""
   counts = np.full(s.model_config.vocab_size, 0.5)            # add-1/2 smoothing
@@ -56,7 +85,7 @@ def unigram_loss(s: train_lib.Setup, num_train_batches: int, eval_max_batches: i
   it.close()
   logp = np.log(counts / counts.sum())
   nll, tokens = 0.0, 0.0
-  for b in train_lib.eval_batches(s, eval_max_batches, s.config.eval.batch_size):
+  for b in eval_batches(s, eval_max_batches, s.config.eval.batch_size):
     mask = b["loss_mask"] > 0
     nll -= logp[b["targets"][mask]].sum()
     tokens += mask.sum()
@@ -67,10 +96,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         step: int | None = None, with_unigram: bool = True) -> dict:
   """Validation loss, perplexity, bits/byte and tokens; written to eval/metrics_step_<N>.json."""
   s, params, step = restore_params(config, workdir, step)
-  eval_step = train_lib.make_eval_step(s)
+  eval_step = steps_lib.make_eval_step(s)
   e = config.eval
-  result = {"step": step, **train_lib.evaluate(
-      s, eval_step, params, train_lib.eval_batches(s, e.max_batches, e.batch_size))}
+  result = {"step": step, **evaluate(s, eval_step, params,
+                                     eval_batches(s, e.max_batches, e.batch_size))}
   if with_unigram:
     result["unigram_loss"] = unigram_loss(s, num_train_batches=50, eval_max_batches=e.max_batches)
   if jax.process_index() == 0:
@@ -83,7 +112,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   return result
 
 
-def generate(s: train_lib.Setup, params, prompt: str, max_new_tokens: int = 64,
+def generate(s: Setup, params, prompt: str, max_new_tokens: int = 64,
              temperature: float = 0.0, seed: int = 0) -> str:
   """Continues prompt with the KV cache: greedy at temperature 0, else sampled."""
   mc = s.model_config

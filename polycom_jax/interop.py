@@ -32,7 +32,6 @@ transformers loads only the gated silu/gelu models; the others need their MLP sw
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Callable, Mapping
 
@@ -41,19 +40,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
-from safetensors.numpy import load_file, save_file
 
 from polycom_jax import activations
 from polycom_jax import checkpoint as ckpt_lib
 from polycom_jax import data as data_lib
 from polycom_jax import evaluation
 from polycom_jax import model as model_lib
-from polycom_jax import train_lib
+from polycom_jax import setup as setup_lib
 from polycom_jax.config_errors import ConfigError
+from polycom_jax.hf_files import CONFIG_FILE, read_hf_dir, write_hf_dir
 
-WEIGHTS_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-CONFIG_FILE = "config.json"
 # This codebase's activation -> Hugging Face `hidden_act` (ACT2FN names where one exists).
 HF_ACT = {"swiglu": "silu", "geglu": "gelu", "silu": "silu", "relu": "relu", "gelu": "gelu",
           "relu2": "relu2", "polynorm": "polynorm", "polyrelu": "polyrelu"}
@@ -289,38 +285,6 @@ def model_fields_from_hf(hf: Mapping) -> dict:
 # ------------------------------------------------------------------------------------------------
 # Files
 
-def write_hf_dir(out_dir: str, tensors: Mapping[str, np.ndarray], config: Mapping):
-  """model.safetensors (PyTorch metadata, so from_pretrained accepts it) and config.json."""
-  os.makedirs(out_dir, exist_ok=True)
-  contiguous = {n: np.ascontiguousarray(t) for n, t in tensors.items()}
-  save_file(contiguous, os.path.join(out_dir, WEIGHTS_FILE), metadata={"format": "pt"})
-  with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
-    json.dump(config, f, indent=2)
-
-
-def read_hf_dir(hf_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
-  """(config.json, name -> array) of a Hugging Face directory, one safetensors file or shards."""
-  config_path = os.path.join(hf_dir, CONFIG_FILE)
-  if not os.path.isfile(config_path):
-    raise ConfigError(f"--hf_dir={hf_dir}: no {CONFIG_FILE} there")
-  with open(config_path) as f:
-    config = json.load(f)
-  index_path = os.path.join(hf_dir, INDEX_FILE)
-  if os.path.isfile(index_path):
-    with open(index_path) as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
-  elif os.path.isfile(os.path.join(hf_dir, WEIGHTS_FILE)):
-    files = [WEIGHTS_FILE]
-  else:
-    raise ConfigError(f"--hf_dir={hf_dir}: no {WEIGHTS_FILE} or {INDEX_FILE} there (only "
-                      "safetensors weights are read; save the PyTorch model with "
-                      "save_pretrained(..., safe_serialization=True))")
-  tensors: dict[str, np.ndarray] = {}
-  for name in files:
-    tensors.update(load_file(os.path.join(hf_dir, name)))
-  return config, tensors
-
-
 # ------------------------------------------------------------------------------------------------
 # Checkpoints
 
@@ -345,7 +309,7 @@ def export_checkpoint(config, workdir: str, out_dir: str, step: int | None = Non
   return step
 
 
-def _sharded_params(s: train_lib.Setup, values: Mapping) -> Any:
+def _sharded_params(s: setup_lib.Setup, values: Mapping) -> Any:
   """The params State with each numpy value placed as a global array on the run's mesh."""
   params = jax.tree.map(lambda a: a, s.abstract_state["params"])    # a copy to fill in
   targets = nnx.to_pure_dict(params)
@@ -356,7 +320,7 @@ def _sharded_params(s: train_lib.Setup, values: Mapping) -> Any:
   return params
 
 
-def _fresh_data_state(s: train_lib.Setup) -> dict:
+def _fresh_data_state(s: setup_lib.Setup) -> dict:
   """The train iterator's state before its first batch: train.py starts the data from it."""
   it = data_lib.make_train_iterator(
       s.config.data, s.tokenizer, batch_size=s.per_process_batch, seed=s.config.data.shuffle_seed,
@@ -384,13 +348,13 @@ def import_checkpoint(config, hf_dir: str, workdir: str, step: int = 0) -> str:
   config.json); a ConfigError names the first tensor, then config.json field, that differs.
   Returns the checkpoint's path.
   """
-  s = train_lib.setup(config)
+  s = setup_lib.setup(config)
   check_supported(s.model_config)
   _require_no_checkpoints(workdir)
   hf, tensors = read_hf_dir(hf_dir)
   values = from_hf_state_dict(tensors, s.model_config, where=f"--hf_dir={hf_dir}")
   check_hf_config(hf, s.model_config, where=os.path.join(hf_dir, CONFIG_FILE))
-  train_lib.check_workdir(workdir)
+  setup_lib.check_workdir(workdir)
   checkpointer = ckpt_lib.Checkpointer(workdir, async_save=False)
   try:
     with jax.set_mesh(s.mesh):
@@ -398,7 +362,7 @@ def import_checkpoint(config, hf_dir: str, workdir: str, step: int = 0) -> str:
       opt_state = jax.jit(s.tx.init, out_shardings=s.state_shardings["opt_state"])(params)
     state = {"step": jax.device_put(jnp.asarray(step, jnp.int32), s.state_shardings["step"]),
              "params": params, "opt_state": opt_state}
-    checkpointer.save(step, state, _fresh_data_state(s), train_lib.config_as_dict(config),
+    checkpointer.save(step, state, _fresh_data_state(s), setup_lib.config_as_dict(config),
                       force=True)
   finally:
     checkpointer.close()

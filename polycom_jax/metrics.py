@@ -1,4 +1,5 @@
-"""Training metrics: JSONL + TensorBoard (tensorboardX, no TensorFlow), progress, MFU."""
+"""Training metrics: JSONL + TensorBoard (tensorboardX, no TensorFlow), progress, MFU, and the
+one-process console log."""
 
 from __future__ import annotations
 
@@ -24,6 +25,12 @@ PEAK_FLOPS = {
     "NVIDIA A100-SXM4-40GB": 312e12,
     "NVIDIA A100 80GB PCIe": 312e12,
 }
+
+
+def log(message: str):
+  """Prints on process 0 only (every process runs the same program)."""
+  if jax.process_index() == 0:
+    print(message, flush=True)
 
 
 def peak_flops(device_kind: str) -> float | None:

@@ -19,16 +19,13 @@ import numpy as np
 from flax import nnx
 
 from polycom_jax import activations
+from polycom_jax import moe
 from polycom_jax.config_errors import require
-from polycom_jax.sharding import active_layout, constrain
+from polycom_jax.layers import DTYPES, HIDDEN, LOGITS, RESIDUAL, RMSNorm, param, rope
+from polycom_jax.sharding import constrain
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "save_matmuls")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
-# Logical names of activation axes (mapped to mesh axes by the sharding rules under a mesh).
-RESIDUAL = ("activation_batch", "activation_length", "activation_embed")      # [B, T, D]
-HIDDEN = ("activation_batch", "activation_length", "activation_mlp")          # [B, T, F]
-LOGITS = ("activation_batch", "activation_length", "activation_vocab")        # [B, T, V]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,8 +134,8 @@ def _validate(c: ModelConfig):
     require(0 < c.num_experts_per_tok <= c.num_experts, "config.model.num_experts_per_tok",
             f"must be in [1, num_experts={c.num_experts}], got {c.num_experts_per_tok}")
     require(c.moe_d_ff > 0, "config.model.moe_d_ff", f"must be > 0, got {c.moe_d_ff}")
-    require(c.moe_impl in ("ragged", "capacity"), "config.model.moe_impl",
-            f"must be one of ('ragged', 'capacity'), got {c.moe_impl!r}")
+    require(c.moe_impl in moe.MOE_IMPLS, "config.model.moe_impl",
+            f"must be one of {moe.MOE_IMPLS}, got {c.moe_impl!r}")
     require(c.moe_capacity_factor > 0, "config.model.moe_capacity_factor",
             f"must be > 0, got {c.moe_capacity_factor}")
     for name in ("moe_aux_loss_weight", "moe_z_loss_weight"):
@@ -149,37 +146,6 @@ def _validate(c: ModelConfig):
 # ------------------------------------------------------------------------------------------------
 # Layers
 
-def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str | None, ...], std: float,
-           dtype: Any) -> nnx.Param:
-  """A normal(0, std) parameter tagged with logical axis names (sharded later, not eagerly)."""
-  value = std * jax.random.normal(rngs.params(), shape, dtype)
-  return nnx.Param(value, out_sharding=names, eager_sharding=False)
-
-
-class RMSNorm(nnx.Module):
-  """x / rms(x) * scale, statistics in float32."""
-
-  def __init__(self, dim: int, eps: float, dtype: Any, param_dtype: Any, axis_name: str = "embed"):
-    self.eps, self.dtype = eps, dtype
-    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(axis_name,),
-                           eager_sharding=False)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
-
-
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary position embedding (rotate-half layout) of x [B, T, H, Dh] at positions [B, T]."""
-  half = x.shape[-1] // 2
-  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)        # [Dh/2]
-  angle = positions[..., None].astype(jnp.float32) * freq              # [B, T, Dh/2]
-  sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
-
-
 class Attention(nnx.Module):
   """Causal grouped-query attention with RoPE (and optional QK-norm)."""
 
@@ -187,10 +153,10 @@ class Attention(nnx.Module):
     self.c = c
     pd, std = DTYPES[c.param_dtype], c.init_std
     d, h, k, hd = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
-    self.wq = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), std, pd)
-    self.wk = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), std, pd)
-    self.wv = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), std, pd)
-    self.wo = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), std, pd)
+    self.wq = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), std, pd)
+    self.wk = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), std, pd)
+    self.wv = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), std, pd)
+    self.wo = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), std, pd)
     if c.qk_norm:
       self.q_norm = RMSNorm(hd, c.norm_eps, c.compute_dtype, pd, "head_dim")
       self.k_norm = RMSNorm(hd, c.norm_eps, c.compute_dtype, pd, "head_dim")
@@ -230,39 +196,23 @@ class MLP(nnx.Module):
     self.c = c
     self.gated = c.gated
     pd, std = DTYPES[c.param_dtype], c.init_std
-    self.w_up = _param(rngs, (c.d_model, c.d_ff), ("embed", "mlp"), std, pd)
+    self.w_up = param(rngs, (c.d_model, c.d_ff), ("embed", "mlp"), std, pd)
     if self.gated:
-      self.w_gate = _param(rngs, (c.d_model, c.d_ff), ("embed", "mlp"), std, pd)
-    self.w_down = _param(rngs, (c.d_ff, c.d_model), ("mlp", "embed"), std, pd)
+      self.w_gate = param(rngs, (c.d_model, c.d_ff), ("embed", "mlp"), std, pd)
+    self.w_down = param(rngs, (c.d_ff, c.d_model), ("mlp", "embed"), std, pd)
     self.act = activations.get(c.activation).make(
-        order=c.activation_order, impl=c.activation_impl)
+        order=c.activation_order, impl=c.activation_impl, logical_axes=HIDDEN)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dt = self.c.compute_dtype
-    # Hidden units split over `tensor`: PolyNorm's row statistics then need a cross-device
-    # sum, which GSPMD inserts for the jnp path (a fused kernel must psum its partial sums
-    # inside shard_map: kernels.poly_norm_sharded).
+    # Hidden units split over `tensor`: PolyNorm's row statistics then need a cross-device sum
+    # (GSPMD inserts it for the jnp path; the fused kernel psums inside shard_map).
     h = constrain(x @ self.w_up[...].astype(dt), HIDDEN)              # [B, T, F]
     if self.gated:
-      h = self._activate(constrain(x @ self.w_gate[...].astype(dt), HIDDEN)) * h
+      h = self.act(constrain(x @ self.w_gate[...].astype(dt), HIDDEN)) * h
     else:
-      h = self._activate(h)
+      h = self.act(h)
     return h @ self.w_down[...].astype(dt)
-
-  def _activate(self, h: jax.Array) -> jax.Array:
-    """The activation; under a multi-device mesh the fused kernel runs per shard (XLA cannot
-    partition a Pallas call), with PolyNorm's row sums psum'd over the `tensor` axis."""
-    layout = active_layout(HIDDEN)
-    act = self.act
-    if (layout is None or not isinstance(act, (activations.PolyNorm, activations.PolyReLU))
-        or activations.resolve_impl(act.impl) != "pallas"):
-      return act(h)
-    from polycom_jax import kernels
-    mesh, spec = layout
-    w, b = act.weight[...], act.bias[...]
-    if isinstance(act, activations.PolyNorm):
-      return kernels.poly_norm_sharded(h, w, b, act.eps, impl="pallas", mesh=mesh, x_spec=spec)
-    return kernels.poly_relu_sharded(h, w, b, impl="pallas", mesh=mesh, x_spec=spec)
 
 
 class Block(nnx.Module):
@@ -273,11 +223,7 @@ class Block(nnx.Module):
     self.attn_norm = RMSNorm(c.d_model, c.norm_eps, c.compute_dtype, pd)
     self.attn = Attention(c, rngs)
     self.mlp_norm = RMSNorm(c.d_model, c.norm_eps, c.compute_dtype, pd)
-    if c.num_experts:
-      from polycom_jax import moe  # the sparse block lives in its own module
-      self.mlp = moe.MoE(c, rngs)
-    else:
-      self.mlp = MLP(c, rngs)
+    self.mlp = moe.MoE(c, rngs) if c.num_experts else MLP(c, rngs)
 
   def __call__(self, x, positions, segment_ids, cache=None, cache_index=None):
     h, new_cache = self.attn(self.attn_norm(x), positions, segment_ids, cache, cache_index)
@@ -296,7 +242,7 @@ class Transformer(nnx.Module):
   def __init__(self, c: ModelConfig, rngs: nnx.Rngs):
     self.c = c
     pd = DTYPES[c.param_dtype]
-    self.embed = _param(rngs, (c.vocab_size, c.d_model), ("vocab", "embed"), c.init_std, pd)
+    self.embed = param(rngs, (c.vocab_size, c.d_model), ("vocab", "embed"), c.init_std, pd)
     if c.scan_layers:
       # One Block whose parameters carry a leading [num_layers] axis, logically named "layers"
       # (replicated by the default rules); __call__ scans over it.
@@ -309,7 +255,7 @@ class Transformer(nnx.Module):
       self.layers = nnx.List([Block(c, rngs) for _ in range(c.num_layers)])
     self.final_norm = RMSNorm(c.d_model, c.norm_eps, c.compute_dtype, pd)
     if not c.tie_embeddings:
-      self.lm_head = _param(rngs, (c.d_model, c.vocab_size), ("embed", "vocab"), c.init_std, pd)
+      self.lm_head = param(rngs, (c.d_model, c.vocab_size), ("embed", "vocab"), c.init_std, pd)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None, cache: list[dict] | None = None,
@@ -385,6 +331,25 @@ def unstack_layers(params: dict) -> dict:
   layers = params["layers"]
   n = jax.tree.leaves(layers)[0].shape[0]
   return {**params, "layers": {i: jax.tree.map(lambda a: a[i], layers) for i in range(n)}}
+
+
+def activation_coefficients(params) -> jax.Array | None:
+  """[layers, r + 1]: each layer's shared PolyCom coefficients (weight..., bias) from a params
+  State in either layout, or None for other activations; logged to follow how the mix of powers
+  evolves during training."""
+  layers = params["layers"]
+  if isinstance(layers, nnx.State) and "mlp" in layers:      # scan_layers: arrays [layers, ...]
+    act = layers["mlp"].get("act")
+    if act is None or "weight" not in act:
+      return None
+    return jnp.concatenate([act["weight"][...], act["bias"][...]], axis=-1)
+  rows = []
+  for i in sorted(layers, key=int):
+    act = layers[i]["mlp"].get("act")
+    if act is None or "weight" not in act:
+      return None
+    rows.append(jnp.concatenate([act["weight"][...], act["bias"][...]]))
+  return jnp.stack(rows)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -31,8 +31,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from polycom_jax import activations
-from polycom_jax.model import DTYPES, RESIDUAL, _param
-from polycom_jax.sharding import active_layout
+from polycom_jax import sharding
+from polycom_jax.layers import DTYPES, RESIDUAL, param
 
 MOE_IMPLS = ("ragged", "capacity")
 
@@ -70,18 +70,18 @@ class MoE(nnx.Module):
     self.c = c
     self.spec = activations.get(c.activation)
     pd, std, e, d, f = DTYPES[c.param_dtype], c.init_std, c.num_experts, c.d_model, c.moe_d_ff
-    self.router = _param(rngs, (d, e), ("embed", None), std, pd)
-    self.w_up = _param(rngs, (e, d, f), ("expert", "embed", "mlp"), std, pd)
+    self.router = param(rngs, (d, e), ("embed", None), std, pd)
+    self.w_up = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std, pd)
     if self.spec.gated:
-      self.w_gate = _param(rngs, (e, d, f), ("expert", "embed", "mlp"), std, pd)
-    self.w_down = _param(rngs, (e, f, d), ("expert", "mlp", "embed"), std, pd)
+      self.w_gate = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std, pd)
+    self.w_down = param(rngs, (e, f, d), ("expert", "mlp", "embed"), std, pd)
     if self.spec.has_params and c.activation_per_expert:
       r = c.activation_order
       self.act_weight = nnx.Param(jnp.full((e, r), 1.0 / r, jnp.float32),
                                   out_sharding=("expert", None), eager_sharding=False)
       self.act_bias = nnx.Param(jnp.zeros((e, 1), jnp.float32),
                                 out_sharding=("expert", None), eager_sharding=False)
-    else:
+    elif self.spec.has_params:            # one set shared by the experts (the paper's OLMoE)
       self.act = self.spec.make(order=c.activation_order, impl=c.activation_impl)
 
   def _weights(self) -> dict[str, jax.Array]:
@@ -102,9 +102,8 @@ class MoE(nnx.Module):
     c = self.c
     b, t, d = x.shape
     w = self._weights()
-    activate = functools.partial(_activate, self.spec, None if self.spec.has_params else self.act)
-    layout = active_layout(RESIDUAL)
-    impl = activations.resolve_impl(c.activation_impl)
+    activate = functools.partial(self.spec.apply, impl=c.activation_impl)
+    layout = sharding.active_layout(RESIDUAL)
     tokens_fn = _ragged_tokens if c.moe_impl == "ragged" else _capacity_tokens
     if layout is not None and _splits_rows(layout, b):
       # Each device routes and computes its own tokens against all experts' weights (gathered
@@ -112,20 +111,18 @@ class MoE(nnx.Module):
       # (capacity) over every token would be replicated on every chip.
       mesh, spec = layout
       axes = spec[0]
-      local = functools.partial(tokens_fn, c=c, activate=functools.partial(activate, impl))
 
       def per_shard(x, w):
-        y, sums = local(x.reshape(-1, d), w)
+        with sharding.per_shard():
+          y, sums = tokens_fn(x.reshape(-1, d), w, c=c, activate=activate)
         return y.reshape(x.shape), jax.tree.map(lambda v: jax.lax.psum(v, axes), sums)
       # check_vma off: a Pallas call inside does not declare how its output varies.
       y, sums = jax.shard_map(per_shard, mesh=mesh, in_specs=(spec, P()),
                               out_specs=(spec, P()), check_vma=False)(x, w)
     else:
-      # Off a mesh, or rows that do not split evenly over it: then GSPMD partitions the layer,
-      # and it cannot partition a Pallas call.
-      if impl == "pallas" and layout is not None:
-        impl = "xla"
-      y, sums = tokens_fn(x.reshape(b * t, d), w, c=c, activate=functools.partial(activate, impl))
+      # Off a mesh, or rows that do not split evenly over it: then GSPMD partitions the layer
+      # (and the activation takes its jnp path, since GSPMD cannot partition a Pallas call).
+      y, sums = tokens_fn(x.reshape(b * t, d), w, c=c, activate=activate)
       y = y.reshape(b, t, d)
     # Set on every call (not at construction) so the params-only state still merges.
     self.load_balance = RouterStats(_load_balance_from_sums(sums, c.num_experts_per_tok))
@@ -141,26 +138,6 @@ def _splits_rows(layout, batch: int) -> bool:
     return False
   axes = (axes,) if isinstance(axes, str) else tuple(axes)
   return batch % math.prod(mesh.shape[a] for a in axes) == 0
-
-
-def _activate(spec, module, impl: str, h: jax.Array, w: dict, expert_of_row: jax.Array):
-  """The activation on hidden rows h [R, F]; PolyCom coefficients per row's expert (or the
-  layer's shared ones), other activations through their module."""
-  if not spec.has_params:
-    return module(h)
-  poly = activations.poly_norm if spec.name == "polynorm" else activations.poly_relu
-  weight, bias = w["act_weight"], w["act_bias"]                        # [E or 1, r], [E or 1, 1]
-  if weight.shape[0] == 1:
-    return poly(h, weight[0], bias[0], impl=impl)
-  # Per expert: PolyCom is linear in its coefficients, so y = b + sum_i w[i] * (the activation
-  # with weight e_i), each term one call of the shared-coefficient function.
-  wr, br = weight[expert_of_row], bias[expert_of_row]                  # [R, r], [R, 1]
-  r, zero = weight.shape[-1], jnp.zeros((1,), jnp.float32)
-  y = br.astype(h.dtype)
-  for i in range(r):
-    unit = jnp.zeros((r,), jnp.float32).at[i].set(1.0)
-    y = y + wr[:, i:i + 1].astype(h.dtype) * poly(h, unit, zero, impl=impl)
-  return y
 
 
 def _route(xf: jax.Array, w: dict, c):
@@ -184,12 +161,14 @@ def _load_balance_from_sums(sums: dict, k: int) -> jax.Array:
 
 
 def _expert_mlp(xs, w, activate, expert_of_row, matmul):
-  """W_down(act(W_up x)) (gated: act(W_gate x) * W_up x) with a given expert matmul."""
+  """W_down(act(W_up x)) (gated: act(W_gate x) * W_up x) with a given expert matmul; the
+  activation gets each row's expert (for per-expert PolyCom coefficients)."""
+  act = lambda h: activate(h, w.get("act_weight"), w.get("act_bias"), expert_of_row)
   h = matmul(xs, w["w_up"])
   if "w_gate" in w:
-    h = activate(matmul(xs, w["w_gate"]), w, expert_of_row) * h
+    h = act(matmul(xs, w["w_gate"])) * h
   else:
-    h = activate(h, w, expert_of_row)
+    h = act(h)
   return matmul(h, w["w_down"])
 
 
@@ -211,7 +190,7 @@ def _ragged_tokens(xf: jax.Array, w: dict, *, c, activate):
 
 def _capacity_tokens(xf: jax.Array, w: dict, *, c, activate):
   """Each expert takes at most C assignments (later ones dropped, in token order) into a dense
-  [E, C, D] buffer: batched matmuls, expert-parallel through GSPMD's all-to-alls."""
+  [E, C, D] buffer: batched matmuls over every expert's weights (no all-to-all dispatch)."""
   weights, experts, sums = _route(xf, w, c)
   n, d = xf.shape
   e, k, dt = c.num_experts, c.num_experts_per_tok, c.compute_dtype

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import jax
 import optax
-from flax import nnx
 
 
 def learning_rate_schedule(train) -> optax.Schedule:
@@ -28,6 +27,3 @@ def make_optimizer(train) -> optax.GradientTransformation:
                            mask=decay_mask))
   return optax.chain(*chain)
 
-
-def param_state(model: nnx.Module) -> nnx.State:
-  return nnx.state(model, nnx.Param)

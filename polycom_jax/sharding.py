@@ -237,11 +237,30 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def active_layout(names: Sequence[str | None]) -> tuple[Mesh, P] | None:
-  """(mesh, spec) that `constrain(x, names)` would pin, when a multi-device mesh is active:
-  for code that must run per shard (a Pallas kernel under shard_map) rather than rely on GSPMD."""
+def active_mesh() -> Mesh | None:
+  """The multi-device mesh a step is being traced for (activation_sharding), else None: one
+  device, no mesh, or inside a per_shard body."""
   active = _ACTIVE.get()
   if active is None or active[0].size == 1:
     return None
-  mesh, rules = active
-  return mesh, logical_to_mesh_spec(names, rules)
+  return active[0]
+
+
+def active_layout(names: Sequence[str | None]) -> tuple[Mesh, P] | None:
+  """(mesh, spec) that `constrain(x, names)` would pin, when a multi-device mesh is active:
+  for code that must run per shard (a Pallas kernel under shard_map) rather than rely on GSPMD."""
+  mesh = active_mesh()
+  if mesh is None:
+    return None
+  return mesh, logical_to_mesh_spec(names, _ACTIVE.get()[1])
+
+
+@contextlib.contextmanager
+def per_shard():
+  """Within this context code is traced on one shard's local arrays (a shard_map body): no mesh
+  is active, so `constrain` does nothing and kernels run as on one device."""
+  token = _ACTIVE.set(None)
+  try:
+    yield
+  finally:
+    _ACTIVE.reset(token)

@@ -23,7 +23,10 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from configs import tiny  # noqa: E402
-from polycom_jax import activations, distributed, evaluation, sharding, train_lib  # noqa: E402
+from polycom_jax import activations, distributed, evaluation, sharding  # noqa: E402
+from polycom_jax import data as data_lib  # noqa: E402
+from polycom_jax import setup as setup_lib  # noqa: E402
+from polycom_jax import steps as steps_lib  # noqa: E402
 from polycom_jax import checkpoint as ckpt_lib  # noqa: E402
 from polycom_jax.config_errors import ConfigError  # noqa: E402
 
@@ -81,7 +84,7 @@ def synthetic_batch(seed: int, batch: int = 8, seq: int = 32) -> dict:
           "segment_ids": segment_ids, "loss_mask": (segment_ids > 0).astype(np.float32)}
 
 
-def make_grad_fn(s: train_lib.Setup):
+def make_grad_fn(s: setup_lib.Setup):
   """jit(params, batch) -> (mean token loss, grads), sharded like the train step."""
   def loss_fn(params, batch):
     logits = nnx.merge(s.graphdef, params)(batch["inputs"], positions=batch["positions"],
@@ -104,30 +107,30 @@ def bytes_on(tree, device) -> int:
              if shard.device == device)
 
 
-def init_memory(s: train_lib.Setup) -> dict:
+def init_memory(s: setup_lib.Setup) -> dict:
   """Per-device output and scratch bytes of the compiled sharded init (XLA's memory analysis)."""
-  init = train_lib._init_fn(s.model_config, s.tx, s.config.seed)  # noqa: SLF001
+  init = setup_lib.init_fn(s.model_config, s.tx, s.config.seed)  # noqa: SLF001
   with jax.set_mesh(s.mesh):
     analysis = jax.jit(init, out_shardings=s.state_shardings).lower().compile().memory_analysis()
   return {"output": analysis.output_size_in_bytes, "temp": analysis.temp_size_in_bytes}
 
 
-def run_layout(config, devices, batches) -> tuple[train_lib.Setup, dict, dict, dict]:
+def run_layout(config, devices, batches) -> tuple[setup_lib.Setup, dict, dict, dict]:
   """Sharded init, one gradient, TRAIN_STEPS train steps: (setup, state, scalars, arrays)."""
-  s = train_lib.setup(config, devices)
+  s = setup_lib.setup(config, devices)
   with jax.set_mesh(s.mesh):
-    state = train_lib.init_state(s)
+    state = setup_lib.init_state(s)
     arrays = {f"init{k}": v for k, v in flat(state["params"]).items()}
     first = s.mesh.devices.flat[0]
     scalars = {"param_bytes": bytes_on(state["params"], first),
                "opt_bytes": bytes_on(state["opt_state"], first),
                "param_bytes_total": sum(x.nbytes for x in jax.tree.leaves(state["params"])),
                "opt_bytes_total": sum(x.nbytes for x in jax.tree.leaves(state["opt_state"]))}
-    glob = [train_lib.global_batch(s, b) for b in batches]
+    glob = [steps_lib.global_batch(s, b) for b in batches]
     loss, grads = make_grad_fn(s)(state["params"], glob[0])
     arrays.update({f"grad{k}": v for k, v in flat(grads).items()})
     scalars["loss"] = float(loss)
-    step, curve = train_lib.make_train_step(s), []
+    step, curve = steps_lib.make_train_step(s), []
     for batch in glob:
       state, metrics = step(state, batch)
       curve.append(float(metrics["loss"]))
@@ -163,16 +166,16 @@ def tensor_parallel_polynorm(mesh) -> tuple[dict, dict]:
 def restore_elsewhere(config, s, state, workdir: str, devices) -> dict:
   """Saves the state, then restores it onto one device and onto (data 8) and evaluates each."""
   checkpointer = ckpt_lib.Checkpointer(workdir, async_save=False)
-  checkpointer.save(TRAIN_STEPS, state, {}, train_lib.config_as_dict(config))
+  checkpointer.save(TRAIN_STEPS, state, {}, setup_lib.config_as_dict(config))
   checkpointer.close()
   batches = [synthetic_batch(100 + i) for i in range(2)]
-  out = {"source": train_lib.evaluate(s, train_lib.make_eval_step(s), state["params"],
+  out = {"source": evaluation.evaluate(s, steps_lib.make_eval_step(s), state["params"],
                                       batches)["loss"]}
   for name, mesh, devs in (("one_device", SINGLE, devices[:1]),
                            ("data8", LAYOUTS["data8"], devices)):
     target = layout_config(config.model.activation, mesh)
     s2, params, step = evaluation.restore_params(target, workdir, devices=devs)
-    out[name] = train_lib.evaluate(s2, train_lib.make_eval_step(s2), params, batches)["loss"]
+    out[name] = evaluation.evaluate(s2, steps_lib.make_eval_step(s2), params, batches)["loss"]
     out[f"{name}_devices"] = len(jax.tree.leaves(params)[0].sharding.device_set)
     out[f"{name}_step"] = step
   return out
@@ -183,21 +186,21 @@ def two_process_reference(batches_npz: str, device) -> tuple[dict, dict]:
   config = multiprocess_config()
   config.mesh.update(data=1, dcn_data=1, fsdp=1, tensor=1)
   saved = np.load(batches_npz)
-  batches = [{k: saved[f"{i}/{k}"] for k in train_lib.BATCH_KEYS}
+  batches = [{k: saved[f"{i}/{k}"] for k in steps_lib.BATCH_KEYS}
              for i in range(MULTIPROCESS_STEPS)]
-  s = train_lib.setup(config, [device])
+  s = setup_lib.setup(config, [device])
   losses = []
   with jax.set_mesh(s.mesh):
-    state, step = train_lib.init_state(s), train_lib.make_train_step(s)
+    state, step = setup_lib.init_state(s), steps_lib.make_train_step(s)
     for batch in batches:
-      state, metrics = step(state, train_lib.global_batch(s, batch))
+      state, metrics = step(state, steps_lib.global_batch(s, batch))
       losses.append(float(metrics["loss"]))
   return {"losses": losses}, {f"two_process_reference/{k}": v for k, v in flat(state).items()}
 
 
 def config_error(config, devices) -> str:
   try:
-    train_lib.setup(config, devices)
+    setup_lib.setup(config, devices)
   except ConfigError as e:
     return str(e)
   return ""
@@ -217,7 +220,7 @@ def layouts(out_dir: str, batches_npz: str):
       s, state, scalars[f"{act}/{name}"], a = run_layout(config, devices, batches)
       if act == "polynorm" and name == "fsdp8":
         scalars["init_memory/fsdp8"] = init_memory(s)
-        scalars["init_memory/single"] = init_memory(train_lib.setup(
+        scalars["init_memory/single"] = init_memory(setup_lib.setup(
             layout_config(act, SINGLE), devices[:1]))
       arrays.update({f"{act}/{name}/{k}": v for k, v in a.items()})
       if act == "polynorm" and name == "fsdp4_tensor2":
@@ -231,6 +234,13 @@ def layouts(out_dir: str, batches_npz: str):
     _, _, scalars[f"moe_{impl}/expert4_data2"], a = run_layout(
         moe_config(impl, {"data": 2, "expert": 4}), devices, batches)
     arrays.update({f"moe_{impl}/expert4_data2/{k}": v for k, v in a.items()})
+  # A tensor axis too (it repeats the MoE layer's work, but must not change the result), with
+  # the fused kernel per shard inside the layer's shard_map.
+  tensor_moe = moe_config("ragged", {"data": 2, "expert": 2, "tensor": 2})
+  tensor_moe.model.activation_impl = "pallas"
+  _, _, scalars["moe_ragged/expert2_data2_tensor2_pallas"], a = run_layout(tensor_moe, devices,
+                                                                           batches)
+  arrays.update({f"moe_ragged/expert2_data2_tensor2_pallas/{k}": v for k, v in a.items()})
   # activation_impl="pallas" in MoE under a mesh (it must fall back to the partitionable path).
   fused_moe = moe_config("ragged", {"data": 2, "expert": 4})
   fused_moe.model.activation_impl = "pallas"
@@ -282,19 +292,19 @@ def multiprocess(out_dir: str, corpus_glob: str, data_dir: str):
   assert jax.process_count() == 2 and jax.device_count() == 8, (jax.process_count(),
                                                                  jax.devices())
   config = multiprocess_config(corpus_glob, data_dir)
-  s = train_lib.setup(config)
+  s = setup_lib.setup(config)
   pid = jax.process_index()
-  it = train_lib.data_lib.make_train_iterator(
+  it = data_lib.make_train_iterator(
       config.data, s.tokenizer, batch_size=s.per_process_batch, seed=config.data.shuffle_seed,
       process_index=pid, process_count=jax.process_count())
   losses = []
   with jax.set_mesh(s.mesh):
-    state, step = train_lib.init_state(s), train_lib.make_train_step(s)
+    state, step = setup_lib.init_state(s), steps_lib.make_train_step(s)
     for _ in range(MULTIPROCESS_STEPS):
-      state, metrics = step(state, train_lib.global_batch(s, next(it)))
+      state, metrics = step(state, steps_lib.global_batch(s, next(it)))
       losses.append(float(metrics["loss"]))
     checkpointer = ckpt_lib.Checkpointer(os.path.join(out_dir, "run"))
-    checkpointer.save(MULTIPROCESS_STEPS, state, it.get_state(), train_lib.config_as_dict(config))
+    checkpointer.save(MULTIPROCESS_STEPS, state, it.get_state(), setup_lib.config_as_dict(config))
     checkpointer.close()
   result = {"losses": losses, "data_state": json.loads(json.dumps(it.get_state())),
             "process_count": jax.process_count(),

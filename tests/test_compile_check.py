@@ -1,4 +1,4 @@
-"""polycom_jax.compile_check: compiling for real TPU topologies on this CPU machine.
+"""compile_check.py (polycom_jax/compile_check.py): compiling for real TPU topologies on this CPU machine.
 
 libtpu is a tool/test extra, never installed into the main venv (it must not change the CPU
 behaviour of the other tests): these tests run the tool in a subprocess with the interpreter of
@@ -38,7 +38,7 @@ def _env():
 
 
 def run_tool(*args, python=TPU_PYTHON, json_out=None):
-  cmd = [python, "-m", "polycom_jax.compile_check", "--config=configs/tiny.py", *args]
+  cmd = [python, "compile_check.py", "--config=configs/tiny.py", *args]
   if json_out:
     cmd.append(f"--json_out={json_out}")
   return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)

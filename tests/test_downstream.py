@@ -14,7 +14,7 @@ import tensorflow_datasets as tfds
 from flax import nnx
 
 from polycom_jax import checkpoint as ckpt_lib
-from polycom_jax import train_lib
+from polycom_jax import setup as setup_lib
 from polycom_jax.config_errors import ConfigError
 from polycom_jax.downstream import scoring, tasks
 from polycom_jax.downstream.tasks import MultipleChoice
@@ -23,12 +23,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LETTERS = "bcdefghijklmnopqrstuvwxyz"
 
 
-def _setup(tiny, document_mask: bool) -> train_lib.Setup:
+def _setup(tiny, document_mask: bool) -> setup_lib.Setup:
   """The tiny model, scoring batches of 2 rows."""
   config = tiny()
   config.model.document_mask = document_mask
   config.eval.batch_size = 2
-  return train_lib.setup(config)
+  return setup_lib.setup(config)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def packed(corpus_glob, data_dir):
   """(setup, initial params) of a tiny model with document masking: requests share rows."""
   from conftest import tiny_config
   s = _setup(lambda: tiny_config(corpus_glob, data_dir), document_mask=True)
-  return s, train_lib.init_state(s)["params"]
+  return s, setup_lib.init_state(s)["params"]
 
 
 def _reference_logprobs(s, params, examples) -> list[float]:
@@ -293,8 +293,8 @@ def test_raw_records_of_a_builtin_task_name_the_missing_field(tmp_path):
 def test_eval_cli_writes_downstream_results(tiny, corpus_glob, data_dir, tmp_path):
   config = tiny()
   checkpointer = ckpt_lib.Checkpointer(str(tmp_path / "run"), async_save=False)
-  checkpointer.save(2, train_lib.init_state(train_lib.setup(config)), None,
-                    train_lib.config_as_dict(config))
+  checkpointer.save(2, setup_lib.init_state(setup_lib.setup(config)), None,
+                    setup_lib.config_as_dict(config))
   checkpointer.close()
   task = _write_lines(tmp_path / "toy.jsonl", [json.dumps(
       {"context": f"{i} + {i} =", "choices": [str(2 * i), str(2 * i + 1)], "gold": 0})

@@ -16,7 +16,9 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from polycom_jax import checkpoint as ckpt_lib
-from polycom_jax import evaluation, interop, model as model_lib, train_lib
+from polycom_jax import data as data_lib
+from polycom_jax import evaluation, hf_files, interop, model as model_lib
+from polycom_jax import setup as setup_lib
 from polycom_jax.config_errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +42,7 @@ def _random_like(abstract, seed: int = 0):
       lambda a: jnp.asarray((a.ndim == 1) + rng.normal(0.0, 0.2, a.shape), a.dtype), abstract)
 
 
-def _random_state(s: train_lib.Setup) -> dict:
+def _random_state(s: setup_lib.Setup) -> dict:
   """A train state at step 5 with random params."""
   params = _random_like(s.abstract_state["params"])
   return {"step": jnp.int32(5), "params": params, "opt_state": s.tx.init(params)}
@@ -55,11 +57,11 @@ def export(tmp_path_factory, corpus_glob, data_dir):
   def make(activation: str):
     if activation not in cache:
       config = _config(corpus_glob, data_dir, activation)
-      s = train_lib.setup(config)
+      s = setup_lib.setup(config)
       state = _random_state(s)
       workdir = str(tmp_path_factory.mktemp(f"run_{activation}"))
       checkpointer = ckpt_lib.Checkpointer(workdir, async_save=False)
-      checkpointer.save(5, state, {}, train_lib.config_as_dict(config), force=True)
+      checkpointer.save(5, state, {}, setup_lib.config_as_dict(config), force=True)
       checkpointer.close()
       hf_dir = str(tmp_path_factory.mktemp(f"hf_{activation}"))
       assert interop.export_checkpoint(config, workdir, hf_dir) == 5
@@ -116,7 +118,7 @@ def test_scanned_layers_export_the_same_tensors_and_import_back(export, tmp_path
   config, _, params, _, hf_dir = export("polynorm")
   scanned = config.copy_and_resolve_references()
   scanned.model.scan_layers = True
-  s = train_lib.setup(scanned)
+  s = setup_lib.setup(scanned)
   stacked = model_lib.stack_layers(nnx.to_pure_dict(params))
   state_params = jax.tree.map(lambda a: a, s.abstract_state["params"])
   nnx.replace_by_pure_dict(state_params, jax.tree.map(jnp.asarray, stacked))
@@ -124,7 +126,7 @@ def test_scanned_layers_export_the_same_tensors_and_import_back(export, tmp_path
   checkpointer = ckpt_lib.Checkpointer(workdir, async_save=False)
   checkpointer.save(5, {"step": jnp.int32(5), "params": state_params,
                         "opt_state": s.tx.init(state_params)}, {},
-                    train_lib.config_as_dict(scanned), force=True)
+                    setup_lib.config_as_dict(scanned), force=True)
   checkpointer.close()
   out = str(tmp_path / "hf_scanned")
   interop.export_checkpoint(scanned, workdir, out)
@@ -150,7 +152,7 @@ def test_import_writes_a_fresh_state_that_training_resumes_from(export, tmp_path
   checkpointer.close()
   assert int(state["step"]) == 0
   assert all(not np.any(x) for x in jax.tree.leaves(state["opt_state"]))
-  it = train_lib.data_lib.make_train_iterator(config.data, s.tokenizer, batch_size=8, seed=0)
+  it = data_lib.make_train_iterator(config.data, s.tokenizer, batch_size=8, seed=0)
   first = next(it)
   it.set_state(data_state)
   np.testing.assert_array_equal(next(it)["inputs"], first["inputs"])
@@ -233,7 +235,7 @@ def _edited_copy(hf_dir, dest, edit_tensors=None, edit_config=None) -> str:
     edit_tensors(tensors)
   if edit_config:
     edit_config(hf)
-  interop.write_hf_dir(dest, tensors, hf)
+  hf_files.write_hf_dir(dest, tensors, hf)
   return str(dest)
 
 
@@ -268,10 +270,10 @@ def test_mismatched_directory_is_refused(export, tmp_path, edit_tensors, edit_co
 
 def test_missing_files_and_moe_are_refused(tiny, tmp_path):
   with pytest.raises(ConfigError, match="no config.json"):
-    interop.read_hf_dir(str(tmp_path))
+    hf_files.read_hf_dir(str(tmp_path))
   (tmp_path / "config.json").write_text("{}")
   with pytest.raises(ConfigError, match="no model.safetensors"):
-    interop.read_hf_dir(str(tmp_path))
+    hf_files.read_hf_dir(str(tmp_path))
   config = tiny()
   config.model.update(num_experts=4, num_experts_per_tok=2)
   with pytest.raises(ConfigError, match="num_experts=4: .* dense models only"):

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from configs import default
-from polycom_jax import activations, model
+from polycom_jax import activations, layers, model
 from polycom_jax.config_errors import ConfigError
 
 
@@ -120,6 +120,47 @@ def test_kv_cache_decoding_matches_full_forward():
     logits, cache = m(tokens[:, t:t + 1], cache=cache, cache_index=jnp.int32(t))
     steps.append(logits)
   np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_greedy_cached_decoding_equals_argmax_of_the_uncached_forward(scan_layers):
+  """Greedy decoding with the KV cache picks, token by token, the argmax of the full forward of
+  the sequence so far (a wrong cache index or mask changes the picks or the logits)."""
+  c = _model_config(activation="polynorm", init_std=0.2, scan_layers=scan_layers)
+  m = model.Transformer(c, nnx.Rngs(1))
+  prompt = _tokens(c, (1, 4), seed=3)
+  cache = model.init_cache(c, batch=1, max_len=16)
+  logits, cache = m(prompt, cache=cache, cache_index=jnp.int32(0))
+  seq = prompt
+  for pos in range(prompt.shape[1], 12):
+    cached_last = logits[0, -1]
+    full_last = m(seq)[0, -1]                                      # the uncached forward
+    np.testing.assert_allclose(cached_last, full_last, atol=2e-5, rtol=1e-5, err_msg=str(pos))
+    token = int(jnp.argmax(cached_last))
+    assert token == int(jnp.argmax(full_last)), pos
+    seq = jnp.concatenate([seq, jnp.full((1, 1), token, seq.dtype)], axis=1)
+    logits, cache = m(seq[:, -1:], cache=cache, cache_index=jnp.int32(pos))
+  assert len(set(np.asarray(seq[0, 4:]).tolist())) > 1      # not one token repeated: a real test
+
+
+def test_rope_scores_depend_only_on_the_position_difference():
+  """<rope(q, m), rope(k, n)> is a function of m - n: shifting both positions keeps every score,
+  and a different offset changes it."""
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.standard_normal((1, 1, 3, 16)), jnp.float32)   # [B, T, H, Dh]
+  k = jnp.asarray(rng.standard_normal((1, 1, 3, 16)), jnp.float32)
+
+  def score(m_pos: int, n_pos: int) -> np.ndarray:
+    rq = layers.rope(q, jnp.full((1, 1), m_pos), 10000.0)
+    rk = layers.rope(k, jnp.full((1, 1), n_pos), 10000.0)
+    return np.asarray(jnp.sum(rq * rk, axis=-1))[0, 0]                # [H]
+
+  for offset in (0, 3, -5):
+    base = score(7 + offset, 7)
+    for shift in (1, 40, 1000):
+      np.testing.assert_allclose(score(7 + offset + shift, 7 + shift), base, atol=1e-4,
+                                 rtol=1e-4, err_msg=f"offset {offset}, shift {shift}")
+  assert np.max(np.abs(score(10, 7) - score(7, 7))) > 1e-2
 
 
 @pytest.mark.parametrize("policy", ["full", "save_matmuls"])

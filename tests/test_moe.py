@@ -11,7 +11,7 @@ from flax import nnx
 
 from configs import tiny_moe
 from polycom_jax import model as model_lib
-from polycom_jax import moe, train_lib
+from polycom_jax import loop, moe
 from polycom_jax.config_errors import ConfigError
 from test_activations import np_poly_norm, np_poly_relu
 
@@ -181,7 +181,7 @@ def test_tiny_moe_trains_and_logs_router_losses(tiny, tmp_path):
   config = tiny(num_steps=30, log_every=10, checkpoint_every=0, warmup_steps=3)
   config.model.update(num_experts=4, num_experts_per_tok=2, moe_ungated_d_ff=96,
                       scan_layers=True)
-  train_lib.train(config, str(tmp_path))
+  loop.train(config, str(tmp_path))
   with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
   assert records[-1]["loss"] < records[0]["loss"] - 0.5

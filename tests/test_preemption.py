@@ -16,7 +16,8 @@ import time
 import pytest
 
 from polycom_jax import checkpoint as ckpt_lib
-from polycom_jax import train_lib
+from polycom_jax import loop
+from polycom_jax import setup as setup_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 40
@@ -151,7 +152,7 @@ def test_a_failing_save_stops_the_run_and_keeps_earlier_checkpoints(tiny, tmp_pa
                                                                      monkeypatch):
   """Disk full during a save: a CheckpointError naming the directory; committed steps intact."""
   workdir = str(tmp_path)
-  train_lib.train(tiny(num_steps=3, checkpoint_every=3), workdir)
+  loop.train(tiny(num_steps=3, checkpoint_every=3), workdir)
   original = ckpt_lib.ocp.CheckpointManager.save
 
   def disk_full(self, step, *args, **kwargs):
@@ -162,10 +163,10 @@ def test_a_failing_save_stops_the_run_and_keeps_earlier_checkpoints(tiny, tmp_pa
   monkeypatch.setattr(ckpt_lib.ocp.CheckpointManager, "save", disk_full)
   with pytest.raises(ckpt_lib.CheckpointError, match=r"step 6 in .*checkpoints failed.*"
                      r"No space left on device.*steps \[3\]"):
-    train_lib.train(tiny(num_steps=9, checkpoint_every=3), workdir)
+    loop.train(tiny(num_steps=9, checkpoint_every=3), workdir)
   monkeypatch.undo()
   checkpointer = ckpt_lib.Checkpointer(workdir)
   assert checkpointer.steps() == [3]
-  s = train_lib.setup(tiny())
+  s = setup_lib.setup(tiny())
   step, _, _ = checkpointer.restore_latest_good(s.abstract_state)
   assert step == 3

@@ -25,7 +25,10 @@ import numpy as np
 import pytest
 
 from polycom_jax import checkpoint as ckpt_lib
-from polycom_jax import distributed, sharding, train_lib
+from polycom_jax import data as data_lib
+from polycom_jax import distributed, sharding
+from polycom_jax import setup as setup_lib
+from polycom_jax import steps as steps_lib
 from polycom_jax import optimizer as opt_lib
 from polycom_jax.config_errors import ConfigError
 
@@ -78,11 +81,11 @@ def _run_processes(argvs: list[list[str]], envs: list[dict], timeout: float):
 def _global_batches(corpus_glob: str, data_dir: str) -> list[dict]:
   """What the two processes of the two-process run read: process 0's rows, then process 1's."""
   config = worker.multiprocess_config(corpus_glob, data_dir)
-  tokenizer = train_lib.data_lib.get_tokenizer(config.data)
-  its = [train_lib.data_lib.make_train_iterator(
+  tokenizer = data_lib.get_tokenizer(config.data)
+  its = [data_lib.make_train_iterator(
       config.data, tokenizer, batch_size=config.train.global_batch_size // 2,
       seed=config.data.shuffle_seed, process_index=i, process_count=2) for i in range(2)]
-  return [{k: np.concatenate([part[k] for part in parts]) for k in train_lib.BATCH_KEYS}
+  return [{k: np.concatenate([part[k] for part in parts]) for k in steps_lib.BATCH_KEYS}
           for parts in ([next(it) for it in its] for _ in range(worker.MULTIPROCESS_STEPS))]
 
 
@@ -112,10 +115,12 @@ def _pairs(arrays: dict, act: str, layout: str, kind: str):
                          + [("polynorm", "data2_tensor4_pallas")]
                          + [(f"moe_{impl}", "expert4_data2") for impl in worker.MOE_IMPLS]
                          + [("moe_ragged", "expert4_data2_pallas")]
+                         + [("moe_ragged", "expert2_data2_tensor2_pallas")]
                          + [("polynorm_scan", "fsdp2_tensor4_pallas")],
                          ids=LAYOUT_IDS + ["polynorm-data2_tensor4-fused_pallas_kernel"]
                          + [f"moe_{impl}-expert4_data2" for impl in worker.MOE_IMPLS]
                          + ["moe_ragged-expert4_data2-activation_impl_pallas"]
+                         + ["moe_ragged-expert2_data2_tensor2-fused_pallas_kernel"]
                          + ["polynorm-scan_layers-fsdp2_tensor4-fused_pallas_kernel"])
 def test_layout_matches_one_device(layouts, act, layout):
   """Sharded init gives the single device's parameters bit for bit; the first step's loss and
@@ -217,7 +222,7 @@ def test_two_processes_train_like_one_device(layouts, tmp_path, corpus_glob, dat
 
   config = worker.multiprocess_config(corpus_glob, data_dir)
   config.mesh.update(data=1, dcn_data=1, fsdp=1, tensor=1)
-  s = train_lib.setup(config, jax.devices()[:1])
+  s = setup_lib.setup(config, jax.devices()[:1])
   checkpointer = ckpt_lib.Checkpointer(str(tmp_path / "run"))
   restored, data_state = checkpointer.restore(worker.MULTIPROCESS_STEPS, s.abstract_state)
   assert data_state is None       # two processes' data positions do not carry over to one

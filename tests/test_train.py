@@ -7,11 +7,16 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from polycom_jax import checkpoint as ckpt_lib
-from polycom_jax import evaluation, train_lib
+from polycom_jax import data as data_lib
+from polycom_jax import evaluation, loop
+from polycom_jax import setup as setup_lib
+from polycom_jax import steps as steps_lib
 from polycom_jax.config_errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,13 +33,13 @@ def finished_run(tmp_path_factory, corpus_glob, data_dir):
   from conftest import tiny_config
   config = tiny_config(corpus_glob, data_dir, eval_every=6)
   workdir = str(tmp_path_factory.mktemp("run"))
-  result = train_lib.train(config, workdir)
+  result = loop.train(config, workdir)
   return config, workdir, result
 
 
 def test_training_reduces_loss(tiny, tmp_path):
   config = tiny(num_steps=40, log_every=5, checkpoint_every=0, warmup_steps=5)
-  train_lib.train(config, str(tmp_path))
+  loop.train(config, str(tmp_path))
   losses = _losses(str(tmp_path))
   assert losses[40] < losses[5] - 1.0, losses
 
@@ -59,7 +64,7 @@ def test_resume_reproduces_the_uninterrupted_losses(finished_run, tmp_path):
   shutil.copytree(workdir, resumed)
   shutil.rmtree(os.path.join(resumed, "checkpoints", "6"))
   os.remove(os.path.join(resumed, "metrics.jsonl"))
-  train_lib.train(config, resumed)
+  loop.train(config, resumed)
   expected = _losses(workdir)
   assert _losses(resumed) == {k: expected[k] for k in (4, 5, 6)}
 
@@ -77,13 +82,13 @@ def test_eval_of_restored_checkpoint_equals_eval_at_end_of_training(finished_run
 
 
 def test_checkpoint_roundtrip_is_bit_identical(tiny, tmp_path):
-  s = train_lib.setup(tiny())
-  state = train_lib.init_state(s)
-  step = train_lib.make_train_step(s)
-  it = train_lib.data_lib.make_train_iterator(s.config.data, s.tokenizer, batch_size=8, seed=0)
+  s = setup_lib.setup(tiny())
+  state = setup_lib.init_state(s)
+  step = steps_lib.make_train_step(s)
+  it = data_lib.make_train_iterator(s.config.data, s.tokenizer, batch_size=8, seed=0)
   with jax.set_mesh(s.mesh):
     for _ in range(2):
-      state, _ = step(state, train_lib.global_batch(s, next(it)))
+      state, _ = step(state, steps_lib.global_batch(s, next(it)))
   saved = jax.device_get(state)
   checkpointer = ckpt_lib.Checkpointer(str(tmp_path))
   checkpointer.save(2, state, it.get_state(), {"model": {}})
@@ -101,21 +106,51 @@ def test_checkpoint_roundtrip_is_bit_identical(tiny, tmp_path):
 @pytest.fixture(scope="module")
 def setup_and_batch(corpus_glob, data_dir):
   from conftest import tiny_config
-  s = train_lib.setup(tiny_config(corpus_glob, data_dir))
-  it = train_lib.data_lib.make_train_iterator(s.config.data, s.tokenizer, batch_size=8, seed=0)
+  s = setup_lib.setup(tiny_config(corpus_glob, data_dir))
+  it = data_lib.make_train_iterator(s.config.data, s.tokenizer, batch_size=8, seed=0)
   return s, next(it)
 
 
 def test_gradient_accumulation_equals_the_full_batch(setup_and_batch, tiny):
   s, batch = setup_and_batch
-  s_accum = train_lib.setup(tiny(micro_batch_size=2))
+  s_accum = setup_lib.setup(tiny(micro_batch_size=2))
   with jax.set_mesh(s.mesh):
-    full, m_full = train_lib.make_train_step(s)(train_lib.init_state(s),
-                                                train_lib.global_batch(s, batch))
-    acc, m_acc = train_lib.make_train_step(s_accum)(train_lib.init_state(s_accum),
-                                                    train_lib.global_batch(s, batch))
+    full, m_full = steps_lib.make_train_step(s)(setup_lib.init_state(s),
+                                                steps_lib.global_batch(s, batch))
+    acc, m_acc = steps_lib.make_train_step(s_accum)(setup_lib.init_state(s_accum),
+                                                    steps_lib.global_batch(s, batch))
   np.testing.assert_allclose(m_full["loss"], m_acc["loss"], rtol=1e-6)
   np.testing.assert_allclose(m_full["grad_norm"], m_acc["grad_norm"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(full["params"]), jax.tree.leaves(acc["params"])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_accumulation_weights_micro_batches_by_their_tokens(setup_and_batch, tiny):
+  """Micro-batches with very different loss_mask sums: the accumulated step equals the unsplit
+  batch (each micro-batch's nll sum over the global token count). A mean of per-micro-batch
+  means would give the 3-token micro-batch the weight of a full one, checked to differ here."""
+  s, batch = setup_and_batch
+  mask = np.array(batch["loss_mask"])
+  mask[:2] = 0.0
+  mask[:2, :3] = 1.0                   # micro-batch 0 (rows 0-1): 6 tokens; the others: full rows
+  batch = dict(batch, loss_mask=mask)
+  s_accum = setup_lib.setup(tiny(micro_batch_size=2))
+  with jax.set_mesh(s.mesh):
+    state = setup_lib.init_state(s)
+
+    def mean_loss(p, b):
+      nll, _, _ = steps_lib.token_nll(s.graphdef, p, b, s.model_config)
+      return jnp.sum(nll * b["loss_mask"]) / jnp.sum(b["loss_mask"])
+
+    micro = [{k: jnp.asarray(v[i:i + 2]) for k, v in batch.items()} for i in range(0, 8, 2)]
+    grads = [jax.grad(mean_loss)(state["params"], mb) for mb in micro]
+    mean_of_means = optax.tree.norm(jax.tree.map(lambda *g: sum(g) / len(g), *grads))
+    full, m_full = steps_lib.make_train_step(s)(state, steps_lib.global_batch(s, batch))
+    acc, m_acc = steps_lib.make_train_step(s_accum)(setup_lib.init_state(s_accum),
+                                                    steps_lib.global_batch(s, batch))
+  np.testing.assert_allclose(m_full["loss"], m_acc["loss"], rtol=1e-6)
+  np.testing.assert_allclose(m_full["grad_norm"], m_acc["grad_norm"], rtol=1e-5)
+  assert abs(float(mean_of_means) / float(m_full["grad_norm"]) - 1) > 0.02   # the test can fail
   for a, b in zip(jax.tree.leaves(full["params"]), jax.tree.leaves(acc["params"])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
@@ -125,9 +160,9 @@ def test_nonfinite_batch_leaves_state_untouched(setup_and_batch):
   poisoned = dict(batch, loss_mask=np.where(np.arange(batch["loss_mask"].size).reshape(
       batch["loss_mask"].shape) == 5, np.nan, batch["loss_mask"]).astype(np.float32))
   with jax.set_mesh(s.mesh):
-    state = train_lib.init_state(s)
+    state = setup_lib.init_state(s)
     before = jax.device_get(state)
-    after, metrics = train_lib.make_train_step(s)(state, train_lib.global_batch(s, poisoned))
+    after, metrics = steps_lib.make_train_step(s)(state, steps_lib.global_batch(s, poisoned))
   assert bool(metrics["nonfinite"])
   after = jax.device_get(after)
   assert int(after["step"]) == 1
@@ -141,7 +176,7 @@ def test_checkpoint_from_another_model_is_refused(finished_run):
   other = config.copy_and_resolve_references()
   other.model.activation = "swiglu"
   with pytest.raises(ConfigError, match=r"config\.model\.activation: checkpoint has 'polynorm'"):
-    train_lib.train(other, workdir)
+    loop.train(other, workdir)
   with pytest.raises(ConfigError, match=r"config\.model\.activation"):
     evaluation.evaluate_checkpoint(other, workdir)
   scanned = config.copy_and_resolve_references()
@@ -170,14 +205,14 @@ def test_bad_config_fails_before_compiling(tiny, field, value, message):
   section, name = field.split(".")
   config[section][name] = value
   with pytest.raises(ConfigError, match=message):
-    train_lib.setup(config)
+    setup_lib.setup(config)
 
 
 def test_unwritable_workdir_is_refused(tiny, tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("x")
   with pytest.raises(ConfigError, match="not writable"):
-    train_lib.train(tiny(), str(blocker / "run"))
+    loop.train(tiny(), str(blocker / "run"))
 
 
 def test_generate_continues_a_prompt(finished_run):

@@ -22,7 +22,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from polycom_jax import evaluation, train_lib
+from polycom_jax import evaluation
+from polycom_jax import setup as setup_lib
 from polycom_jax import sharding as sharding_lib
 from polycom_jax.downstream.tasks import MultipleChoice, TaskData
 
@@ -87,7 +88,7 @@ def pack(requests: list[Request], seq_len: int, pad_id: int, share_rows: bool,
   return rows, spans
 
 
-def make_score_step(s: train_lib.Setup) -> Callable[[Any, dict], jax.Array]:
+def make_score_step(s: setup_lib.Setup) -> Callable[[Any, dict], jax.Array]:
   """jit(params, batch) -> log-probability of each target [B, T] (0 where loss_mask is 0),
   replicated so every process reads all rows."""
   def step(params, batch):
@@ -103,7 +104,7 @@ def make_score_step(s: train_lib.Setup) -> Callable[[Any, dict], jax.Array]:
                  out_shardings=NamedSharding(s.mesh, P()))
 
 
-def _local_rows(s: train_lib.Setup, batch: int, seq_len: int) -> slice:
+def _local_rows(s: setup_lib.Setup, batch: int, seq_len: int) -> slice:
   """The rows of a [batch, seq_len] batch that this process's devices hold."""
   index = s.batch_sharding.addressable_devices_indices_map((batch, seq_len)).values()
   starts = [i[0].start or 0 for i in index]
@@ -111,7 +112,7 @@ def _local_rows(s: train_lib.Setup, batch: int, seq_len: int) -> slice:
   return slice(min(starts), max(stops))
 
 
-def score_rows(s: train_lib.Setup, score_step, params, rows: dict[str, np.ndarray]) -> np.ndarray:
+def score_rows(s: setup_lib.Setup, score_step, params, rows: dict[str, np.ndarray]) -> np.ndarray:
   """Target log-probabilities [R, T] of all rows, config.eval.batch_size rows per step; each
   batch's result is fetched after the next is dispatched, so the devices never wait."""
   batch, seq_len = s.config.eval.batch_size, rows["inputs"].shape[1]
@@ -158,7 +159,7 @@ def accuracy(examples: list[MultipleChoice], logprobs: np.ndarray) -> dict:
           "acc_norm_stderr": _stderr(acc_norm, n), "n": n}
 
 
-def score_examples(s: train_lib.Setup, score_step, params,
+def score_examples(s: setup_lib.Setup, score_step, params,
                    examples: list[MultipleChoice]) -> tuple[np.ndarray, int]:
   """Log-likelihood of every choice of every example, flattened [sum of choices], and how many
   requests had their context cut."""
@@ -171,7 +172,7 @@ def score_examples(s: train_lib.Setup, score_step, params,
   return logprobs, sum(r.truncated for r in requests)
 
 
-def evaluate_tasks(s: train_lib.Setup, params, tasks: list[TaskData]) -> dict[str, dict]:
+def evaluate_tasks(s: setup_lib.Setup, params, tasks: list[TaskData]) -> dict[str, dict]:
   """Per task: acc, acc_norm, their standard errors, n, and what was skipped or truncated."""
   score_step = make_score_step(s)
   results = {}

@@ -40,7 +40,7 @@ from polycom_jax.kernels.layout import Layout
 from polycom_jax.kernels.rowwise import as_rows, column, pack, polyval
 
 # exp() of this stays finite in float32: bounds eps / s**(2p) for rows of tiny magnitude.
-_MAX_LOG_EPS = 80.0
+MAX_LOG_EPS = 80.0
 
 
 # ---- the math on float32 blocks [rows, D] (shared by the jnp path and the kernels) ---------------
@@ -68,7 +68,7 @@ def _power_sums(z, order):
 def _inv_rms(s, sums, d, eps):
   """t_p = (sum_p / d + eps / s**(2p))**-0.5 for the scaled row z = x / s."""
   log_s = jnp.log(s)
-  return [lax.rsqrt(t / d + jnp.exp(jnp.minimum(math.log(eps) - 2 * p * log_s, _MAX_LOG_EPS)))
+  return [lax.rsqrt(t / d + jnp.exp(jnp.minimum(math.log(eps) - 2 * p * log_s, MAX_LOG_EPS)))
           for p, t in enumerate(sums, 1)]
 
 
