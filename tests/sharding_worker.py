@@ -23,7 +23,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from configs import tiny  # noqa: E402
-from polycom_jax import activations, distributed, evaluation, sharding  # noqa: E402
+from polycom_jax import activations, distributed, evaluation, moe, sharding  # noqa: E402
 from polycom_jax import data as data_lib  # noqa: E402
 from polycom_jax import setup as setup_lib  # noqa: E402
 from polycom_jax import steps as steps_lib  # noqa: E402
@@ -52,7 +52,7 @@ def layout_config(activation: str, mesh: dict):
   return c
 
 
-MOE_IMPLS = ("ragged", "capacity")
+MOE_IMPLS = moe.MOE_IMPLS
 
 
 def moe_config(impl: str, mesh: dict):
@@ -109,7 +109,7 @@ def bytes_on(tree, device) -> int:
 
 def init_memory(s: setup_lib.Setup) -> dict:
   """Per-device output and scratch bytes of the compiled sharded init (XLA's memory analysis)."""
-  init = setup_lib.init_fn(s.model_config, s.tx, s.config.seed)  # noqa: SLF001
+  init = setup_lib.init_fn(s.model_config, s.tx, s.config.seed)
   with jax.set_mesh(s.mesh):
     analysis = jax.jit(init, out_shardings=s.state_shardings).lower().compile().memory_analysis()
   return {"output": analysis.output_size_in_bytes, "temp": analysis.temp_size_in_bytes}
