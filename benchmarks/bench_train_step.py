@@ -51,7 +51,7 @@ def make_step(mc: model_lib.ModelConfig):
   """(state, jitted step) with AdamW, as in training (no data pipeline)."""
   train = types.SimpleNamespace(learning_rate=1e-4, min_learning_rate=1e-5, warmup_steps=10,
                                 num_steps=1000, grad_clip=1.0, b1=0.9, b2=0.95, adam_eps=1e-8,
-                                weight_decay=0.1)
+                                weight_decay=0.1, weight_decay_rule="megatron")
   tx = opt_lib.make_optimizer(train)
   model = model_lib.Transformer(mc, nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)

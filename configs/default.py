@@ -31,9 +31,12 @@ def get_config() -> ml_collections.ConfigDict:
   m.max_seq_len = 256
   m.rope_theta = 10000.0
   m.norm_eps = 1e-6
-  m.qk_norm = False             # RMSNorm on queries and keys (OLMoE)
+  m.qk_norm = "none"            # none | head (per head, Qwen3) | projection (whole q/k, OLMoE)
   m.tie_embeddings = False
   m.init_std = 0.02
+  m.output_init_std = 0.0       # attention out / MLP down projections (0: init_std; Megatron:
+                                # init_std / sqrt(2 * num_layers))
+  m.init_truncation = 0.0       # > 0: normal init truncated at +-this many std (OLMo: 3)
   m.dtype = "auto"              # compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU)
   m.param_dtype = "float32"
   m.attention_impl = "auto"     # auto | xla | cudnn (passed to jax.nn.dot_product_attention)
@@ -78,6 +81,8 @@ def get_config() -> ml_collections.ConfigDict:
   t.b2 = 0.95
   t.adam_eps = 1e-8
   t.weight_decay = 0.1
+  t.weight_decay_rule = "megatron"  # megatron: matrices and embeddings | olmoe: also norm scales
+                                # (never the PolyCom coefficients); optimizer.decay_mask
   t.grad_clip = 1.0
   t.z_loss = 0.0
   t.log_every = 20

@@ -1,13 +1,19 @@
 """The paper's MoE model: OLMoE-1B-7B (1B active / 7B total parameters), OLMo settings.
 
-16 layers, d_model 2048, 16 heads, QK-norm, RMSNorm, RoPE, untied embeddings, no biases;
+Every setting against the reference run, "same" or "differs, because ...":
+docs/reference_runs.md.
+
+16 layers, d_model 2048, 16 heads, QK-norm over the whole q / k projections (OLMoE's, not per
+head), RMSNorm, RoPE, untied embeddings, no biases, no document masking;
 64 experts, top-8, dropless, expert hidden 1536 for SwiGLU (ungated activations get 2304 =
 1536 * 3/2, equal parameters, as for the dense model; the reference code applies PolyNorm per
 expert hidden vector with ONE set of coefficients per layer, the default here);
 load-balancing loss 0.01, router z-loss 0.001; vocab 50280 padded to 50304 (GPT-NeoX/OLMo
 tokenizer: give its tokenizer.json); seq 4096, global batch 1024 sequences (4M tokens);
 AdamW lr 4e-4, betas (0.9, 0.95), eps 1e-8, weight decay 0.1, clip 1.0, cosine with 10.5B
-warmup tokens to 0.1 x lr; init std 0.02; bf16; FSDP. The paper trains 200B tokens.
+warmup tokens to 0.1 x lr; weight decay on everything but the PolyCom coefficients (OLMo's
+rule: norms and embeddings decayed too); init normal std 0.02 truncated at 3 std; bf16; FSDP.
+The paper trains 200B tokens.
 
 Sizes as read from the authors' scripts (shared/PAPER_NOTES.md). Note: with expert hidden 1536
 this counts 10.1B total / 1.6B active parameters (num_params / flops_per_token); the released
@@ -35,8 +41,9 @@ def get_config():
   c = default.get_config()
   c.model.update(
       vocab_size=50304, d_model=2048, num_layers=16, num_heads=16, num_kv_heads=16,
-      qk_norm=True, max_seq_len=4096, rope_theta=10000.0, norm_eps=1e-5, init_std=0.02,
-      tie_embeddings=False, remat="full", scan_layers=True, dtype="auto",
+      qk_norm="projection", max_seq_len=4096, rope_theta=10000.0, norm_eps=1e-5,
+      init_std=0.02, output_init_std=0.0, init_truncation=3.0, tie_embeddings=False,
+      remat="full", scan_layers=True, dtype="auto", document_mask=False,
       num_experts=64, num_experts_per_tok=8, moe_ungated_d_ff=2304, d_ff_multiple_of=128,
       moe_impl="ragged", moe_renormalize=False, moe_aux_loss_weight=0.01,
       moe_z_loss_weight=0.001, activation_per_expert=False)
@@ -46,7 +53,7 @@ def get_config():
       num_steps=200_000_000_000 // TOKENS_PER_STEP, global_batch_size=1024, micro_batch_size=0,
       learning_rate=4e-4, min_learning_rate=4e-5,
       warmup_steps=10_500_000_000 // TOKENS_PER_STEP, b1=0.9, b2=0.95, adam_eps=1e-8,
-      weight_decay=0.1, grad_clip=1.0, log_every=10, eval_every=1000, eval_batches=20,
+      weight_decay=0.1, weight_decay_rule="olmoe", grad_clip=1.0, log_every=10, eval_every=1000, eval_batches=20,
       checkpoint_every=1000)
   c.eval.update(batch_size=1024, max_batches=20)
   c.mesh.update(data=1, fsdp=-1, tensor=1, expert=8)

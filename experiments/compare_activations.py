@@ -55,8 +55,8 @@ def run_one(config, activation: str, seed: int, out: str, tasks: list) -> dict:
                                        if r["step"] > 0.9 * c.train.num_steps])),
           "val_loss": ev["loss"],
           "val_perplexity": ev["perplexity"], "bits_per_byte": ev.get("bits_per_byte"),
-          "tokens_per_sec": float(np.median([r["tokens_per_sec"] for r in records[1:]]
-                                            or [records[-1]["tokens_per_sec"]])),
+          "tokens_per_sec": float(np.median([r["tokens_per_sec"] for r in records
+                                             if r["tokens_per_sec"]])),
           "records": records,
           "coefficients": read_jsonl(os.path.join(workdir, "coefficients.jsonl"))}
 

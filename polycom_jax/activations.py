@@ -119,8 +119,9 @@ class _PolyCom(nnx.Module):
     resolve_impl(impl)
     self.order, self.impl = order, impl
     self.logical_axes = None if logical_axes is None else tuple(logical_axes)
-    self.weight = nnx.Param(jnp.full((order,), 1.0 / order, jnp.float32))
-    self.bias = nnx.Param(jnp.zeros((1,), jnp.float32))
+    # param_kind "activation": no weight decay under any rule (optimizer.decay_mask).
+    self.weight = nnx.Param(jnp.full((order,), 1.0 / order, jnp.float32), param_kind="activation")
+    self.bias = nnx.Param(jnp.zeros((1,), jnp.float32), param_kind="activation")
 
 
 class PolyNorm(_PolyCom):

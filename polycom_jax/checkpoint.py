@@ -24,7 +24,10 @@ from polycom_jax.config_errors import ConfigError, RunError
 # Config fields that must agree between a checkpoint and the run restoring it (the params'
 # shapes and meaning depend on them). Everything else (steps, lr, mesh, ...) may change.
 MODEL_FIELDS_EXEMPT = ("activation_impl", "attention_impl", "remat", "dtype",
-                       "moe_impl", "moe_capacity_factor")
+                       "moe_impl", "moe_capacity_factor",
+                       "init_std", "output_init_std", "init_truncation")   # init only
+# Values older checkpoints wrote for a field that has since become a choice of names.
+LEGACY_VALUES = {"qk_norm": {False: "none", True: "head"}}
 
 
 class CheckpointError(RunError):
@@ -198,6 +201,8 @@ def check_compatible(saved: dict, current: dict):
         continue
       a = saved.get(section, {}).get(name)
       b = current.get(section, {}).get(name)
+      legacy = LEGACY_VALUES.get(name, {})
+      a, b = (legacy.get(v, v) if isinstance(v, bool) else v for v in (a, b))
       if a != b:
         diffs.append(f"config.{section}.{name}: checkpoint has {a!r}, this run has {b!r}")
   if diffs:

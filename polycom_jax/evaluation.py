@@ -114,11 +114,13 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
 
 def generate(s: Setup, params, prompt: str, max_new_tokens: int = 64,
              temperature: float = 0.0, seed: int = 0) -> str:
-  """Continues prompt with the KV cache: greedy at temperature 0, else sampled."""
+  """Continues prompt with the KV cache: greedy at temperature 0, else sampled. The prompt is
+  conditioned as training sees a document: EOS (doubling as BOS) first, at position 0."""
   mc = s.model_config
-  ids = s.tokenizer.encode(prompt) or [s.tokenizer.eos_id]
+  prompt_ids = s.tokenizer.encode(prompt)
+  keep = mc.max_seq_len - 2                  # room for the start token and one new token
+  ids = [s.tokenizer.eos_id] + prompt_ids[max(0, len(prompt_ids) - keep):]
   total = min(len(ids) + max_new_tokens, mc.max_seq_len)
-  ids = ids[-(total - 1):] if len(ids) >= total else ids
   @jax.jit
   def forward(params, tokens, cache, index):
     return nnx.merge(s.graphdef, params)(tokens, cache=cache, cache_index=index)

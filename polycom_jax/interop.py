@@ -82,6 +82,9 @@ def check_supported(mc: model_lib.ModelConfig):
   if mc.num_experts:
     raise ConfigError(f"config.model.num_experts={mc.num_experts}: Hugging Face export/import "
                       "supports dense models only")
+  if mc.qk_norm == "projection":
+    raise ConfigError("config.model.qk_norm='projection' (OLMoE's) has no Llama/Qwen3 layout; "
+                      "the dense export holds qk_norm 'none' or 'head' (Qwen3)")
 
 
 def _layer_rules(mc: model_lib.ModelConfig) -> list[Rule]:
@@ -97,7 +100,7 @@ def _layer_rules(mc: model_lib.ModelConfig) -> list[Rule]:
            ("self_attn.v_proj.weight", ("attn", "wv"), *heads_in(k)),
            ("self_attn.o_proj.weight", ("attn", "wo"),              # [H, Dh, D] <-> [D, H*Dh]
             lambda w: w.reshape(h * hd, d).T, lambda t: t.T.reshape(h, hd, d))]
-  if mc.qk_norm:
+  if mc.qk_norm == "head":
     rules += [("self_attn.q_norm.weight", ("attn", "q_norm", "scale"), *_SAME),
               ("self_attn.k_norm.weight", ("attn", "k_norm", "scale"), *_SAME)]
   rules.append(("post_attention_layernorm.weight", ("mlp_norm", "scale"), *_SAME))
@@ -193,7 +196,8 @@ def hf_config(mc: model_lib.ModelConfig, model_section: Mapping | None = None,
               eos_id: int | None = None, pad_id: int | None = None) -> dict:
   """config.json for the model: LlamaConfig fields (Qwen3Config with qk_norm) plus PolyCom's."""
   act = activations.get(mc.activation)
-  arch, model_type = ("Qwen3ForCausalLM", "qwen3") if mc.qk_norm else ("LlamaForCausalLM", "llama")
+  arch, model_type = (("Qwen3ForCausalLM", "qwen3") if mc.qk_norm == "head" else
+                      ("LlamaForCausalLM", "llama"))
   cfg = {
       "architectures": [arch], "model_type": model_type,
       "vocab_size": mc.vocab_size, "hidden_size": mc.d_model, "intermediate_size": mc.d_ff,
@@ -277,7 +281,7 @@ def model_fields_from_hf(hf: Mapping) -> dict:
       _activation_from_hf(hf), "activation_order": hf.get("polycom_order", 3),
       "max_seq_len": hf.get("max_position_embeddings", 2048),
       "rope_theta": _rope_theta(hf), "norm_eps": hf.get("rms_norm_eps", 1e-6),
-      "qk_norm": hf.get("model_type") == "qwen3",
+      "qk_norm": "head" if hf.get("model_type") == "qwen3" else "none",
       "tie_embeddings": hf.get("tie_word_embeddings", False),
   }
 

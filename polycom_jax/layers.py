@@ -21,24 +21,44 @@ HIDDEN = ("activation_batch", "activation_length", "activation_mlp")          # 
 LOGITS = ("activation_batch", "activation_length", "activation_vocab")        # [B, T, V]
 
 
+# What a parameter is, recorded where it is created (metadata `param_kind`): the weight decay
+# rules (optimizer.decay_mask) decide by it, so the stacked [layers, ...] arrays of scan_layers
+# and the per-expert [experts, ...] ones are treated like the arrays they stack.
+PARAM_KINDS = ("matrix", "embedding", "norm", "activation")
+
+
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str | None, ...], std: float,
-          dtype: Any) -> nnx.Param:
-  """A normal(0, std) parameter tagged with logical axis names (sharded later, not eagerly)."""
-  value = std * jax.random.normal(rngs.params(), shape, dtype)
-  return nnx.Param(value, out_sharding=names, eager_sharding=False)
+          dtype: Any, *, kind: str = "matrix", truncate: float = 0.0) -> nnx.Param:
+  """A normal(0, std) parameter tagged with logical axis names (sharded later, not eagerly) and
+  its kind; truncate > 0: the normal is cut at +-truncate std (OLMo's init)."""
+  key = rngs.params()
+  if truncate > 0:
+    value = std * jax.random.truncated_normal(key, -truncate, truncate, shape, dtype)
+  else:
+    value = std * jax.random.normal(key, shape, dtype)
+  return nnx.Param(value, out_sharding=names, eager_sharding=False, param_kind=kind)
+
+
+def constant_param(value: jax.Array, names: tuple[str | None, ...], kind: str) -> nnx.Param:
+  """A parameter with a fixed initial value (norm scales, activation coefficients)."""
+  return nnx.Param(value, out_sharding=names, eager_sharding=False, param_kind=kind)
 
 
 class RMSNorm(nnx.Module):
-  """x / rms(x) * scale, statistics in float32."""
+  """x / rms(x) * scale over the trailing axes `shape` (one axis, or several: OLMoE's QK-norm
+  over a whole projection [heads, head_dim]), statistics in float32."""
 
-  def __init__(self, dim: int, eps: float, dtype: Any, param_dtype: Any, axis_name: str = "embed"):
+  def __init__(self, shape: int | tuple[int, ...], eps: float, dtype: Any, param_dtype: Any,
+               axis_names: str | tuple[str, ...] = "embed"):
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    names = (axis_names,) if isinstance(axis_names, str) else tuple(axis_names)
     self.eps, self.dtype = eps, dtype
-    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(axis_name,),
-                           eager_sharding=False)
+    self.axes = tuple(range(-len(shape), 0))
+    self.scale = constant_param(jnp.ones(shape, param_dtype), names, "norm")
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=self.axes, keepdims=True) + self.eps)
     return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
 
 

@@ -71,6 +71,11 @@ class StepLog:
     self.consecutive_bad, self.skipped = 0, 0
     self.window_start, self.window_first = time.time(), start
 
+  def start_clock(self, step: int):
+    """Throughput is measured from here (call once the first step has run: compilation and
+    start-up are not counted)."""
+    self.window_start, self.window_first = time.time(), step
+
   def eval_due(self, step: int) -> bool:
     t = self.t
     return bool(t.eval_every) and (step % t.eval_every == 0 or step == t.num_steps)
@@ -94,12 +99,13 @@ class StepLog:
     if step % t.log_every and step != t.num_steps:
       return
     elapsed, steps_done = time.time() - self.window_start, step - self.window_first
-    tps = self.tokens_per_step * steps_done / max(elapsed, 1e-9)
+    # None for the first step alone: its time is mostly compilation (start_clock).
+    tps = self.tokens_per_step * steps_done / max(elapsed, 1e-9) if steps_done else None
     last = {"loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
-            "tokens_per_sec": tps, "step_time": elapsed / max(steps_done, 1),
+            "tokens_per_sec": tps, "step_time": elapsed / steps_done if steps_done else None,
             "skipped_updates": self.skipped, "tokens_seen": step * self.tokens_per_step,
-            "mfu": metrics_lib.mfu(self.flops_per_token, tps, jax.device_count(),
-                                   self.device_kind),
+            "mfu": tps and metrics_lib.mfu(self.flops_per_token, tps, jax.device_count(),
+                                           self.device_kind),
             **{f"moe_{k}": float(m[k]) for k in ("load_balance", "router_z") if k in m}}
     if self.eval_due(step):
       s = self.s
@@ -170,6 +176,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         batch = steps_lib.global_batch(s, next(train_iter))
         state, step_metrics = train_step(state, batch)
         step += 1
+        if step == start + 1:
+          jax.block_until_ready(step_metrics)
+          step_log.start_clock(step)
         if pending is not None:
           step_log(*pending, state["params"])
         pending = (step, step_metrics)

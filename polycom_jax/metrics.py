@@ -9,7 +9,8 @@ import time
 
 import jax
 
-# Dense bf16 peak FLOP/s per chip, by jax's device_kind (vendor data sheets).
+# Dense bf16 peak FLOP/s per chip, by jax's device_kind (vendor data sheets); a kind is matched
+# exactly, else by the longest listed prefix ("NVIDIA H100 PCIe" is not the SXM card).
 PEAK_FLOPS = {
     "TPU v4": 275e12,
     "TPU v5 lite": 197e12,
@@ -18,12 +19,12 @@ PEAK_FLOPS = {
     "TPU v5p": 459e12,
     "TPU v6 lite": 918e12,
     "TPU v6e": 918e12,
-    "NVIDIA H100 80GB HBM3": 989e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA H200": 989e12,
-    "NVIDIA A100-SXM4-80GB": 312e12,
-    "NVIDIA A100-SXM4-40GB": 312e12,
-    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA H100": 989e12,             # SXM (the kind reads "NVIDIA H100 80GB HBM3")
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12,             # SXM
+    "NVIDIA H200 NVL": 835e12,
+    "NVIDIA A100": 312e12,             # SXM and PCIe alike
 }
 
 
@@ -37,10 +38,8 @@ def peak_flops(device_kind: str) -> float | None:
   """The chip's peak bf16 FLOP/s, or None when unknown (CPU): MFU is then reported as n/a."""
   if device_kind in PEAK_FLOPS:
     return PEAK_FLOPS[device_kind]
-  for kind, flops in PEAK_FLOPS.items():
-    if device_kind.startswith(kind):
-      return flops
-  return None
+  prefixes = [kind for kind in PEAK_FLOPS if device_kind.startswith(kind)]
+  return PEAK_FLOPS[max(prefixes, key=len)] if prefixes else None
 
 
 def mfu(flops_per_token: float, tokens_per_sec: float, num_devices: int,

@@ -26,6 +26,9 @@ from polycom_jax.sharding import constrain
 
 REMAT_POLICIES = ("none", "full", "save_matmuls")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+# QK-norm: none; "head": an RMSNorm over each head's Dh (Qwen3); "projection": over the whole
+# q [H*Dh] and k [K*Dh] projections before the split into heads (OLMoE, OlmoeAttention).
+QK_NORMS = ("none", "head", "projection")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,9 +48,11 @@ class ModelConfig:
   max_seq_len: int = 2048
   rope_theta: float = 10000.0
   norm_eps: float = 1e-6
-  qk_norm: bool = False
+  qk_norm: str = "none"
   tie_embeddings: bool = False
   init_std: float = 0.02
+  output_init_std: float = 0.0        # attention out / MLP down projections; 0: init_std
+  init_truncation: float = 0.0        # > 0: normal init cut at +-this many std (OLMo: 3)
   dtype: str = "float32"
   param_dtype: str = "float32"
   attention_impl: str = "auto"
@@ -74,6 +79,12 @@ class ModelConfig:
   def compute_dtype(self) -> Any:
     return DTYPES[self.dtype]
 
+  @property
+  def output_std(self) -> float:
+    """Init std of the projections that write into the residual stream (Megatron scales them
+    by 1/sqrt(2 * num_layers))."""
+    return self.output_init_std or self.init_std
+
   @classmethod
   def from_config(cls, model: Any) -> ModelConfig:
     """Resolves config.model (a ConfigDict or a dict) (d_ff, head_dim and dtype "auto") into a validated ModelConfig."""
@@ -92,6 +103,8 @@ class ModelConfig:
     moe_ungated = m.pop("moe_ungated_d_ff", 0)
     if not m.get("moe_d_ff") and m.get("num_experts", 0) > 0:
       m["moe_d_ff"] = matched_d_ff(moe_ungated, act.gated, multiple) if moe_ungated else m["d_ff"]
+    if isinstance(m.get("qk_norm"), bool):   # configs and checkpoints before the kinds
+      m["qk_norm"] = "head" if m["qk_norm"] else "none"
     if m.get("dtype", "auto") == "auto":
       m["dtype"] = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     known = {f.name for f in dataclasses.fields(cls)}
@@ -128,6 +141,12 @@ def _validate(c: ModelConfig):
   require(c.attention_impl in ATTENTION_IMPLS, "config.model.attention_impl",
           f"must be one of {ATTENTION_IMPLS}, got {c.attention_impl!r}")
   require(c.init_std > 0, "config.model.init_std", f"must be > 0, got {c.init_std}")
+  require(c.output_init_std >= 0, "config.model.output_init_std",
+          f"must be >= 0 (0: init_std), got {c.output_init_std}")
+  require(c.init_truncation == 0 or c.init_truncation >= 1, "config.model.init_truncation",
+          f"must be 0 (plain normal) or >= 1 std, got {c.init_truncation}")
+  require(c.qk_norm in QK_NORMS, "config.model.qk_norm",
+          f"must be one of {QK_NORMS}, got {c.qk_norm!r}")
   require(c.norm_eps > 0, "config.model.norm_eps", f"must be > 0, got {c.norm_eps}")
   require(c.num_experts >= 0, "config.model.num_experts", f"must be >= 0, got {c.num_experts}")
   if c.num_experts:
@@ -151,15 +170,19 @@ class Attention(nnx.Module):
 
   def __init__(self, c: ModelConfig, rngs: nnx.Rngs):
     self.c = c
-    pd, std = DTYPES[c.param_dtype], c.init_std
+    pd, std, cut = DTYPES[c.param_dtype], c.init_std, c.init_truncation
     d, h, k, hd = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
-    self.wq = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), std, pd)
-    self.wk = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), std, pd)
-    self.wv = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), std, pd)
-    self.wo = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), std, pd)
-    if c.qk_norm:
+    self.wq = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), std, pd, truncate=cut)
+    self.wk = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), std, pd, truncate=cut)
+    self.wv = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), std, pd, truncate=cut)
+    self.wo = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), c.output_std, pd,
+                    truncate=cut)
+    if c.qk_norm == "head":
       self.q_norm = RMSNorm(hd, c.norm_eps, c.compute_dtype, pd, "head_dim")
       self.k_norm = RMSNorm(hd, c.norm_eps, c.compute_dtype, pd, "head_dim")
+    elif c.qk_norm == "projection":
+      self.q_norm = RMSNorm((h, hd), c.norm_eps, c.compute_dtype, pd, ("heads", "head_dim"))
+      self.k_norm = RMSNorm((k, hd), c.norm_eps, c.compute_dtype, pd, ("kv_heads", "head_dim"))
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
                cache: dict | None = None, cache_index: jax.Array | None = None):
@@ -167,7 +190,7 @@ class Attention(nnx.Module):
     q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dt))       # [B, T, H, Dh]
     k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dt))       # [B, T, K, Dh]
     v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dt))
-    if c.qk_norm:
+    if c.qk_norm != "none":
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
     impl = None if c.attention_impl == "auto" else c.attention_impl
@@ -195,11 +218,12 @@ class MLP(nnx.Module):
   def __init__(self, c: ModelConfig, rngs: nnx.Rngs):
     self.c = c
     self.gated = c.gated
-    pd, std = DTYPES[c.param_dtype], c.init_std
-    self.w_up = param(rngs, (c.d_model, c.d_ff), ("embed", "mlp"), std, pd)
+    pd, std, cut = DTYPES[c.param_dtype], c.init_std, c.init_truncation
+    self.w_up = param(rngs, (c.d_model, c.d_ff), ("embed", "mlp"), std, pd, truncate=cut)
     if self.gated:
-      self.w_gate = param(rngs, (c.d_model, c.d_ff), ("embed", "mlp"), std, pd)
-    self.w_down = param(rngs, (c.d_ff, c.d_model), ("mlp", "embed"), std, pd)
+      self.w_gate = param(rngs, (c.d_model, c.d_ff), ("embed", "mlp"), std, pd, truncate=cut)
+    self.w_down = param(rngs, (c.d_ff, c.d_model), ("mlp", "embed"), c.output_std, pd,
+                        truncate=cut)
     self.act = activations.get(c.activation).make(
         order=c.activation_order, impl=c.activation_impl, logical_axes=HIDDEN)
 
@@ -242,7 +266,8 @@ class Transformer(nnx.Module):
   def __init__(self, c: ModelConfig, rngs: nnx.Rngs):
     self.c = c
     pd = DTYPES[c.param_dtype]
-    self.embed = param(rngs, (c.vocab_size, c.d_model), ("vocab", "embed"), c.init_std, pd)
+    self.embed = param(rngs, (c.vocab_size, c.d_model), ("vocab", "embed"), c.init_std, pd,
+                       kind="embedding", truncate=c.init_truncation)
     if c.scan_layers:
       # One Block whose parameters carry a leading [num_layers] axis, logically named "layers"
       # (replicated by the default rules); __call__ scans over it.
@@ -255,7 +280,8 @@ class Transformer(nnx.Module):
       self.layers = nnx.List([Block(c, rngs) for _ in range(c.num_layers)])
     self.final_norm = RMSNorm(c.d_model, c.norm_eps, c.compute_dtype, pd)
     if not c.tie_embeddings:
-      self.lm_head = param(rngs, (c.d_model, c.vocab_size), ("embed", "vocab"), c.init_std, pd)
+      self.lm_head = param(rngs, (c.d_model, c.vocab_size), ("embed", "vocab"), c.init_std, pd,
+                           truncate=c.init_truncation)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None, cache: list[dict] | None = None,
@@ -359,7 +385,8 @@ def num_params(c: ModelConfig) -> int:
   """Exact parameter count from the config (equals the sum of the parameter arrays' sizes)."""
   act_params = (c.activation_order + 1) if activations.get(c.activation).has_params else 0
   attn = c.d_model * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
-  attn += 2 * c.head_dim if c.qk_norm else 0
+  attn += {"none": 0, "head": 2 * c.head_dim,
+           "projection": (c.num_heads + c.num_kv_heads) * c.head_dim}[c.qk_norm]
   per_layer = attn + 2 * c.d_model + _mlp_params(c, act_params)
   head = 0 if c.tie_embeddings else c.d_model * c.vocab_size
   return c.vocab_size * c.d_model + c.num_layers * per_layer + c.d_model + head

@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from polycom_jax import activations
 from polycom_jax import sharding
-from polycom_jax.layers import DTYPES, RESIDUAL, param
+from polycom_jax.layers import DTYPES, RESIDUAL, constant_param, param
 
 MOE_IMPLS = ("ragged", "capacity")
 
@@ -70,17 +70,19 @@ class MoE(nnx.Module):
     self.c = c
     self.spec = activations.get(c.activation)
     pd, std, e, d, f = DTYPES[c.param_dtype], c.init_std, c.num_experts, c.d_model, c.moe_d_ff
-    self.router = param(rngs, (d, e), ("embed", None), std, pd)
-    self.w_up = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std, pd)
+    cut = c.init_truncation
+    self.router = param(rngs, (d, e), ("embed", None), std, pd, truncate=cut)
+    self.w_up = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std, pd, truncate=cut)
     if self.spec.gated:
-      self.w_gate = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std, pd)
-    self.w_down = param(rngs, (e, f, d), ("expert", "mlp", "embed"), std, pd)
+      self.w_gate = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std, pd, truncate=cut)
+    self.w_down = param(rngs, (e, f, d), ("expert", "mlp", "embed"), c.output_std, pd,
+                        truncate=cut)
     if self.spec.has_params and c.activation_per_expert:
       r = c.activation_order
-      self.act_weight = nnx.Param(jnp.full((e, r), 1.0 / r, jnp.float32),
-                                  out_sharding=("expert", None), eager_sharding=False)
-      self.act_bias = nnx.Param(jnp.zeros((e, 1), jnp.float32),
-                                out_sharding=("expert", None), eager_sharding=False)
+      self.act_weight = constant_param(jnp.full((e, r), 1.0 / r, jnp.float32),
+                                       ("expert", None), "activation")
+      self.act_bias = constant_param(jnp.zeros((e, 1), jnp.float32), ("expert", None),
+                                     "activation")
     elif self.spec.has_params:            # one set shared by the experts (the paper's OLMoE)
       self.act = self.spec.make(order=c.activation_order, impl=c.activation_impl)
 

@@ -68,6 +68,8 @@ def validate_config(config: ml_collections.ConfigDict) -> model_lib.ModelConfig:
     require(t.global_batch_size % t.micro_batch_size == 0, "config.train.micro_batch_size",
             f"({t.micro_batch_size}) must divide config.train.global_batch_size "
             f"({t.global_batch_size})")
+  require(t.weight_decay_rule in opt_lib.DECAY_RULES, "config.train.weight_decay_rule",
+          f"must be one of {tuple(opt_lib.DECAY_RULES)}, got {t.weight_decay_rule!r}")
   require(t.nonfinite_policy in NONFINITE_POLICIES, "config.train.nonfinite_policy",
           f"must be one of {NONFINITE_POLICIES}, got {t.nonfinite_policy!r}")
   require(config.data.seq_len > 1, "config.data.seq_len", f"must be > 1, got {config.data.seq_len}")

@@ -35,7 +35,6 @@ def make_train_step(s: Setup) -> Callable[[dict, dict], tuple[dict, dict]]:
   """jit(state, batch) -> (state, metrics); gradient accumulation over micro-batches, global
   norm, and a non-finite guard that leaves params and optimizer state untouched."""
   t, mc, graphdef, tx = s.config.train, s.model_config, s.graphdef, s.tx
-  schedule = opt_lib.learning_rate_schedule(t)
   accum = t.global_batch_size // t.micro_batch_size if t.micro_batch_size else 1
 
   def share_of_loss(params, batch, total_tokens):
@@ -79,7 +78,8 @@ def make_train_step(s: Setup) -> Callable[[dict, dict], tuple[dict, dict]]:
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = {"step": state["step"] + 1, "params": keep(new_params, params),
                  "opt_state": keep(new_opt, state["opt_state"])}
-    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]),
+    metrics = {"loss": loss, "grad_norm": grad_norm,
+               "lr": opt_lib.applied_learning_rate(state["opt_state"], t),
                "tokens": total_tokens, "nonfinite": ~finite, **aux}
     coefficients = model_lib.activation_coefficients(new_state["params"])
     if coefficients is not None:

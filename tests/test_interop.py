@@ -295,7 +295,7 @@ def test_qk_norm_and_tied_embeddings_match_transformers_qwen3(torch_llama):
   models have no lm_head.weight; the round trip is exact and Qwen3ForCausalLM gives the logits."""
   torch, _ = torch_llama
   qwen3 = pytest.importorskip("transformers.models.qwen3.modeling_qwen3")
-  mc = _model_config(activation="geglu", tie_embeddings=True, qk_norm=True, rope_theta=500.0)
+  mc = _model_config(activation="geglu", tie_embeddings=True, qk_norm="head", rope_theta=500.0)
   abstract = nnx.eval_shape(lambda: model_lib.Transformer(mc, nnx.Rngs(0)))
   state = _random_like(nnx.state(abstract, nnx.Param), seed=1)
   params = jax.device_get(nnx.to_pure_dict(state))
@@ -305,7 +305,7 @@ def test_qk_norm_and_tied_embeddings_match_transformers_qwen3(torch_llama):
   jax.tree.map(np.testing.assert_array_equal, interop.from_hf_state_dict(tensors, mc), params)
   hf = interop.hf_config(mc)
   assert (hf["architectures"], hf["hidden_act"]) == (["Qwen3ForCausalLM"], "gelu")
-  assert interop.model_fields_from_hf(hf)["qk_norm"]
+  assert interop.model_fields_from_hf(hf)["qk_norm"] == "head"
 
   tokens = np.random.RandomState(0).randint(0, mc.vocab_size, (2, 24))
   want = np.asarray(nnx.merge(nnx.graphdef(abstract), state)(jnp.asarray(tokens)))

@@ -55,8 +55,9 @@ def test_forward_backward_every_activation(name):
 @pytest.mark.parametrize("overrides", [
     {"activation": "polynorm"},
     {"activation": "swiglu", "tie_embeddings": True},
-    {"activation": "polyrelu", "qk_norm": True, "activation_order": 4},
+    {"activation": "polyrelu", "qk_norm": "head", "activation_order": 4},
     {"activation": "gelu", "num_kv_heads": 4, "head_dim": 16},
+    {"activation": "swiglu", "qk_norm": "projection", "num_kv_heads": 2},
 ])
 def test_num_params_counts_the_arrays(overrides):
   c = _model_config(**overrides)
@@ -76,10 +77,11 @@ def test_gated_and_ungated_widths_match_parameters():
   assert _model_config(activation="swiglu", d_ff=200).d_ff == 200
 
 
-def test_every_parameter_has_logical_axis_names():
-  c = _model_config(activation="polynorm", qk_norm=True)
+def test_every_parameter_has_logical_axis_names_and_a_kind():
+  c = _model_config(activation="polynorm", qk_norm="projection")
   m = model.Transformer(c, nnx.Rngs(0))
   for path, v in nnx.to_flat_state(nnx.state(m, nnx.Param)):
+    assert v.get_metadata().get("param_kind") in layers.PARAM_KINDS, path
     names = v.get_metadata().get("out_sharding")
     if path[-2:] in (("act", "weight"), ("act", "bias")):
       continue                                   # replicated PolyCom coefficients
@@ -143,6 +145,23 @@ def test_greedy_cached_decoding_equals_argmax_of_the_uncached_forward(scan_layer
   assert len(set(np.asarray(seq[0, 4:]).tolist())) > 1      # not one token repeated: a real test
 
 
+def test_projection_qk_norm_normalises_the_whole_projection():
+  """qk_norm="projection" (OLMoE): RMSNorm with a [H*Dh] gain over the whole q projection
+  before the split into heads, not per head (which would equal it only if every head had the
+  same mean square)."""
+  norm = layers.RMSNorm((4, 8), 1e-5, jnp.float32, jnp.float32, ("heads", "head_dim"))
+  rng = np.random.default_rng(0)
+  gain = rng.uniform(0.5, 1.5, (4, 8)).astype(np.float32)
+  norm.scale[...] = jnp.asarray(gain)
+  q = rng.standard_normal((2, 3, 4, 8)).astype(np.float32) * np.array([1, 2, 3, 4])[:, None]
+  flat = q.reshape(2, 3, 32).astype(np.float64)
+  expected = flat / np.sqrt(np.mean(flat ** 2, axis=-1, keepdims=True) + 1e-5) * gain.ravel()
+  np.testing.assert_allclose(np.asarray(norm(jnp.asarray(q))).reshape(2, 3, 32), expected,
+                             rtol=1e-5, atol=1e-6)
+  per_head = q / np.sqrt(np.mean(q.astype(np.float64) ** 2, axis=-1, keepdims=True) + 1e-5)
+  assert np.max(np.abs(per_head * gain - expected.reshape(q.shape))) > 0.1
+
+
 def test_rope_scores_depend_only_on_the_position_difference():
   """<rope(q, m), rope(k, n)> is a function of m - n: shifting both positions keeps every score,
   and a different offset changes it."""
@@ -200,7 +219,7 @@ def test_invalid_configs_name_the_field(overrides, field):
 
 @pytest.mark.parametrize("overrides", [
     {"activation": "polynorm", "remat": "full"},
-    {"activation": "swiglu", "qk_norm": True},
+    {"activation": "swiglu", "qk_norm": "projection"},
     {"activation": "polyrelu", "num_experts": 4, "num_experts_per_tok": 2, "moe_ungated_d_ff": 96},
 ], ids=["polynorm-remat", "swiglu-qk_norm", "polyrelu-moe"])
 def test_scanned_layers_equal_the_unrolled_stack(overrides):

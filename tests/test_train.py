@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from polycom_jax import checkpoint as ckpt_lib
 from polycom_jax import data as data_lib
@@ -54,6 +55,36 @@ def test_run_writes_metrics_and_checkpoints(finished_run):
   for key in ("step", "loss", "lr", "grad_norm", "tokens_per_sec", "step_time", "mfu"):
     assert key in record
   assert os.listdir(os.path.join(workdir, "tensorboard"))
+
+
+def test_throughput_is_measured_after_the_first_step(finished_run):
+  """The first step's time is mostly compilation: the first record (log_every=1) reports no
+  tokens/s or MFU, the later ones measure steps 2.. only."""
+  _, workdir, _ = finished_run
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  assert records[0]["step"] == 1 and records[0]["tokens_per_sec"] is None
+  assert all(r["tokens_per_sec"] > 0 for r in records[1:])
+
+
+def test_generate_conditions_on_the_start_token_like_training(setup_and_batch):
+  """Greedy generate() equals the argmax continuation of [EOS] + prompt under the uncached
+  forward (training puts EOS, doubling as BOS, before every document)."""
+  s, _ = setup_and_batch
+  with jax.set_mesh(s.mesh):
+    params = setup_lib.init_state(s)["params"]
+  model = nnx.merge(s.graphdef, params)
+  prompt = "def main("
+  seq = [s.tokenizer.eos_id] + s.tokenizer.encode(prompt)
+  expected = []
+  for _ in range(6):
+    token = int(jnp.argmax(model(jnp.asarray([seq]))[0, -1, :s.tokenizer.vocab_size]))
+    if token == s.tokenizer.eos_id:
+      break
+    expected.append(token)
+    seq.append(token)
+  got = evaluation.generate(s, params, prompt, max_new_tokens=6)
+  assert got == s.tokenizer.decode(expected)
 
 
 def test_resume_reproduces_the_uninterrupted_losses(finished_run, tmp_path):
