@@ -4,7 +4,7 @@
   python convert.py --direction=import --config=configs/X.py --hf_dir=IN --workdir=DIR [--step=0]
       [--model_from_hf]
 
-export writes OUT/model.safetensors and OUT/config.json (Llama layout, see polycom_jax/interop.py)
+export writes OUT/model.safetensors and OUT/config.json (Llama / Qwen3 / OLMoE layout, see polycom_jax/hf_layout.py)
 from the checkpoint at --step (default: the latest). import writes IN's weights as the --step
 checkpoint of the empty workdir DIR, with a fresh optimizer state: train.py continues from it and
 eval.py evaluates it with the same --config. --model_from_hf takes config.model from IN's

@@ -1,39 +1,17 @@
-"""Checkpoint interop with PyTorch / Hugging Face: Orbax checkpoints <-> Llama-layout safetensors.
+"""Hugging Face / PyTorch interop: config.json for a model, and Orbax checkpoints exported to /
+imported from Hugging Face directories (tensor names: hf_layout.py; files: hf_files.py).
 
-A Hugging Face directory holds `config.json` and `model.safetensors` (or shards listed in
-`model.safetensors.index.json`). Tensor names and shapes (PyTorch Linear weights are [out, in]):
-
-  model.embed_tokens.weight                  [V, D]      embed [V, D]
-  model.layers.N.input_layernorm.weight      [D]         layers.N.attn_norm.scale
-  model.layers.N.self_attn.q_proj.weight     [H*Dh, D]   attn.wq [D, H, Dh]: reshape(D, H*Dh).T
-  model.layers.N.self_attn.k_proj.weight     [K*Dh, D]   attn.wk [D, K, Dh] (v_proj: attn.wv)
-  model.layers.N.self_attn.o_proj.weight     [D, H*Dh]   attn.wo [H, Dh, D]: reshape(H*Dh, D).T
-  model.layers.N.self_attn.q_norm.weight     [Dh]        attn.q_norm.scale (qk_norm; also k_norm)
-  model.layers.N.post_attention_layernorm.weight [D]     layers.N.mlp_norm.scale
-  model.layers.N.mlp.gate_proj.weight        [F, D]      mlp.w_gate [D, F] (gated only)
-  model.layers.N.mlp.up_proj.weight          [F, D]      mlp.w_up [D, F]
-  model.layers.N.mlp.down_proj.weight        [D, F]      mlp.w_down [F, D]
-  model.layers.N.mlp.act_fn.weight / .bias   [r] / [1]   mlp.act.weight / .bias (PolyNorm,
-                                                         PolyReLU; weight[0]: highest power)
-  model.norm.weight                          [D]         final_norm.scale
-  lm_head.weight                             [V, D]      lm_head [D, V] (absent when tied)
-
-Rotary layout: Hugging Face's convert_llama_weights_to_hf permutes the rows of Meta's q/k
-weights from the interleaved rotary layout (pairs 2i, 2i+1) to the rotate-half layout (i, i +
-Dh/2). This model's `model.rope` is already rotate-half, so q/k need no permutation: the plain
-reshape/transpose above is the whole mapping (the logits test against LlamaForCausalLM checks it).
-
-config.json is a LlamaConfig (a Qwen3Config with qk_norm, whose per-head q/k norm is this
-model's) plus `polycom_activation`, `mlp_gated`, `polycom_order`, `polycom_eps` and a
-`polycom_jax` block with the run's config.model, from which an import rebuilds the model config.
-Ungated MLPs have no gate_proj, and `hidden_act` is then the activation's own name: stock
-transformers loads only the gated silu/gelu models; the others need their MLP swapped in.
+config.json is a LlamaConfig (a Qwen3Config with per-head qk_norm, an OlmoeConfig for MoE models)
+plus `polycom_activation`, `mlp_gated`, `polycom_order`, `polycom_eps` and a `polycom_jax` block
+with the run's config.model, from which an import rebuilds the model config. Ungated MLPs have no
+gate_proj, and `hidden_act` is then the activation's own name: stock transformers loads only the
+gated silu/gelu models; the others need their MLP swapped in.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +23,7 @@ from polycom_jax import activations
 from polycom_jax import checkpoint as ckpt_lib
 from polycom_jax import data as data_lib
 from polycom_jax import evaluation
+from polycom_jax import hf_layout
 from polycom_jax import model as model_lib
 from polycom_jax import setup as setup_lib
 from polycom_jax.config_errors import ConfigError
@@ -67,122 +46,10 @@ CHECKED_FIELDS = (
     ("rms_norm_eps", "norm_eps", 1e-6),
     ("rope_theta", "rope_theta", 10000.0),
     ("tie_word_embeddings", "tie_embeddings", False),
+    ("num_experts", "num_experts", None),
+    ("num_experts_per_tok", "num_experts_per_tok", None),
+    ("norm_topk_prob", "moe_renormalize", None),
 )
-
-Rule = tuple[str, tuple, Callable, Callable]   # (HF name, param path, param -> HF, HF -> param)
-_SAME = (lambda x: x, lambda x: x)
-_LINEAR = (lambda w: w.T, lambda t: t.T)      # [in, out] <-> PyTorch's [out, in]
-
-
-# ------------------------------------------------------------------------------------------------
-# Parameters <-> Hugging Face state dict (pure functions over nested dicts of arrays)
-
-def check_supported(mc: model_lib.ModelConfig):
-  """Refuses models the Llama layout cannot hold, before anything is read or written."""
-  if mc.num_experts:
-    raise ConfigError(f"config.model.num_experts={mc.num_experts}: Hugging Face export/import "
-                      "supports dense models only")
-  if mc.qk_norm == "projection":
-    raise ConfigError("config.model.qk_norm='projection' (OLMoE's) has no Llama/Qwen3 layout; "
-                      "the dense export holds qk_norm 'none' or 'head' (Qwen3)")
-
-
-def _layer_rules(mc: model_lib.ModelConfig) -> list[Rule]:
-  """One block's tensors, in Hugging Face order, paths relative to the block."""
-  d, h, k, hd = mc.d_model, mc.num_heads, mc.num_kv_heads, mc.head_dim
-
-  def heads_in(n: int):                        # [D, n, Dh] <-> [n*Dh, D]
-    return lambda w: w.reshape(d, n * hd).T, lambda t: t.T.reshape(d, n, hd)
-
-  rules = [("input_layernorm.weight", ("attn_norm", "scale"), *_SAME),
-           ("self_attn.q_proj.weight", ("attn", "wq"), *heads_in(h)),
-           ("self_attn.k_proj.weight", ("attn", "wk"), *heads_in(k)),
-           ("self_attn.v_proj.weight", ("attn", "wv"), *heads_in(k)),
-           ("self_attn.o_proj.weight", ("attn", "wo"),              # [H, Dh, D] <-> [D, H*Dh]
-            lambda w: w.reshape(h * hd, d).T, lambda t: t.T.reshape(h, hd, d))]
-  if mc.qk_norm == "head":
-    rules += [("self_attn.q_norm.weight", ("attn", "q_norm", "scale"), *_SAME),
-              ("self_attn.k_norm.weight", ("attn", "k_norm", "scale"), *_SAME)]
-  rules.append(("post_attention_layernorm.weight", ("mlp_norm", "scale"), *_SAME))
-  if mc.gated:
-    rules.append(("mlp.gate_proj.weight", ("mlp", "w_gate"), *_LINEAR))
-  rules += [("mlp.up_proj.weight", ("mlp", "w_up"), *_LINEAR),
-            ("mlp.down_proj.weight", ("mlp", "w_down"), *_LINEAR)]
-  if activations.get(mc.activation).has_params:
-    rules += [("mlp.act_fn.weight", ("mlp", "act", "weight"), *_SAME),
-              ("mlp.act_fn.bias", ("mlp", "act", "bias"), *_SAME)]
-  return rules
-
-
-def tensor_rules(mc: model_lib.ModelConfig) -> list[Rule]:
-  """Every tensor of the model, in Hugging Face order, with its parameter path and mappings."""
-  check_supported(mc)
-  rules = [("model.embed_tokens.weight", ("embed",), *_SAME)]
-  for i in range(mc.num_layers):
-    rules += [(f"model.layers.{i}.{name}", ("layers", i, *path), fwd, inv)
-              for name, path, fwd, inv in _layer_rules(mc)]
-  rules.append(("model.norm.weight", ("final_norm", "scale"), *_SAME))
-  if not mc.tie_embeddings:
-    rules.append(("lm_head.weight", ("lm_head",), *_LINEAR))
-  return rules
-
-
-def _get(tree: Mapping, path: tuple) -> Any:
-  for key in path:
-    tree = tree[key]
-  return tree
-
-
-def _set(tree: dict, path: tuple, value: Any):
-  for key in path[:-1]:
-    tree = tree.setdefault(key, {})
-  tree[path[-1]] = value
-
-
-def to_hf_state_dict(params: Mapping, mc: model_lib.ModelConfig) -> dict[str, Any]:
-  """Hugging Face name -> array, from params as a nested dict (nnx.to_pure_dict's layout)."""
-  if mc.scan_layers:
-    params = model_lib.unstack_layers(params)
-  return {name: fwd(_get(params, path)) for name, path, fwd, _ in tensor_rules(mc)}
-
-
-def expected_shapes(mc: model_lib.ModelConfig) -> dict[str, tuple[int, ...]]:
-  """Hugging Face name -> shape for this model config, in Hugging Face order (nothing built)."""
-  abstract = nnx.eval_shape(lambda: model_lib.Transformer(mc, nnx.Rngs(0)))
-  params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
-  out = jax.eval_shape(lambda p: to_hf_state_dict(p, mc), params)
-  return {name: tuple(a.shape) for name, a in out.items()}
-
-
-def check_tensors(shapes: Mapping[str, tuple[int, ...]], mc: model_lib.ModelConfig, where: str):
-  """Raises ConfigError at the first tensor (in Hugging Face order) that is missing or has the
-  wrong shape, then at the first unexpected one."""
-  expected = expected_shapes(mc)
-  unexpected = [n for n in shapes if n not in expected]
-  for name, shape in expected.items():
-    if name not in shapes:
-      hint = f"; unexpected tensors found: {unexpected[:5]}" if unexpected else ""
-      raise ConfigError(f"{where}: tensor {name} is missing (expected shape {list(shape)} for "
-                        f"this config.model){hint}")
-    if tuple(shapes[name]) != shape:
-      raise ConfigError(f"{where}: tensor {name} has shape {list(shapes[name])}, but this "
-                        f"config.model expects {list(shape)}")
-  if unexpected:
-    raise ConfigError(f"{where}: unexpected tensor {unexpected[0]} (not part of this "
-                      f"config.model; {len(unexpected)} unexpected in all)")
-
-
-def from_hf_state_dict(tensors: Mapping[str, np.ndarray], mc: model_lib.ModelConfig,
-                       where: str = "state dict") -> dict:
-  """Params as a nested dict of numpy arrays (in config.model.param_dtype) from a Hugging Face
-  state dict; the names and shapes are checked first (ConfigError names the first mismatch)."""
-  check_tensors({n: t.shape for n, t in tensors.items()}, mc, where)
-  dtype = model_lib.DTYPES[mc.param_dtype]
-  params: dict = {}
-  for name, path, _, inv in tensor_rules(mc):
-    _set(params, path, np.asarray(inv(tensors[name]), dtype))
-  return model_lib.stack_layers(params) if mc.scan_layers else params
-
 
 # ------------------------------------------------------------------------------------------------
 # config.json
@@ -196,7 +63,8 @@ def hf_config(mc: model_lib.ModelConfig, model_section: Mapping | None = None,
               eos_id: int | None = None, pad_id: int | None = None) -> dict:
   """config.json for the model: LlamaConfig fields (Qwen3Config with qk_norm) plus PolyCom's."""
   act = activations.get(mc.activation)
-  arch, model_type = (("Qwen3ForCausalLM", "qwen3") if mc.qk_norm == "head" else
+  arch, model_type = (("OlmoeForCausalLM", "olmoe") if mc.num_experts else
+                      ("Qwen3ForCausalLM", "qwen3") if mc.qk_norm == "head" else
                       ("LlamaForCausalLM", "llama"))
   cfg = {
       "architectures": [arch], "model_type": model_type,
@@ -212,6 +80,11 @@ def hf_config(mc: model_lib.ModelConfig, model_section: Mapping | None = None,
       "initializer_range": mc.init_std, "torch_dtype": mc.param_dtype,
       "bos_token_id": None, "eos_token_id": eos_id, "pad_token_id": pad_id,
   }
+  if mc.num_experts:         # OlmoeConfig: intermediate_size is the expert width
+    cfg.update(intermediate_size=mc.moe_d_ff, num_experts=mc.num_experts,
+               num_experts_per_tok=mc.num_experts_per_tok, norm_topk_prob=mc.moe_renormalize,
+               router_aux_loss_coef=mc.moe_aux_loss_weight, clip_qkv=None)
+    del cfg["head_dim"], cfg["mlp_bias"]      # OLMoE derives head_dim from the hidden size
   if act.has_params:
     cfg["polycom_order"] = mc.activation_order
   if mc.activation == "polynorm":
@@ -247,6 +120,8 @@ def check_hf_config(hf: Mapping, mc: model_lib.ModelConfig, where: str):
   disagrees with the model config: shapes alone cannot tell H heads of Dh from 2H of Dh/2."""
   expected = hf_config(mc)
   for key, field, default in CHECKED_FIELDS:
+    if key not in expected:                   # not part of this layout (OLMoE: head_dim)
+      continue
     found = _hf_value(hf, key, default)
     if found is None:                         # absent, and Hugging Face assumes nothing
       continue
@@ -272,6 +147,11 @@ def model_fields_from_hf(hf: Mapping) -> dict:
   if "polycom_jax" in hf:
     return dict(hf["polycom_jax"]["model"])
   heads = hf["num_attention_heads"]
+  moe = {}
+  if hf.get("model_type") == "olmoe":
+    moe = {"num_experts": hf["num_experts"], "num_experts_per_tok": hf["num_experts_per_tok"],
+           "moe_d_ff": hf["intermediate_size"], "moe_renormalize": hf.get("norm_topk_prob", False),
+           "qk_norm": "projection"}
   return {
       "vocab_size": hf["vocab_size"], "d_model": hf["hidden_size"],
       "num_layers": hf["num_hidden_layers"], "num_heads": heads,
@@ -283,11 +163,9 @@ def model_fields_from_hf(hf: Mapping) -> dict:
       "rope_theta": _rope_theta(hf), "norm_eps": hf.get("rms_norm_eps", 1e-6),
       "qk_norm": "head" if hf.get("model_type") == "qwen3" else "none",
       "tie_embeddings": hf.get("tie_word_embeddings", False),
+      **moe,
   }
 
-
-# ------------------------------------------------------------------------------------------------
-# Files
 
 # ------------------------------------------------------------------------------------------------
 # Checkpoints
@@ -302,10 +180,10 @@ def _to_host(x: jax.Array) -> np.ndarray:
 def export_checkpoint(config, workdir: str, out_dir: str, step: int | None = None) -> int:
   """Writes the workdir's checkpoint at step (default: the latest) to out_dir as a Hugging Face
   directory (model.safetensors + config.json); returns the step exported."""
-  check_supported(model_lib.ModelConfig.from_config(config.model))
+  hf_layout.check_supported(model_lib.ModelConfig.from_config(config.model))
   s, params, step = evaluation.restore_params(config, workdir, step)
   host = jax.tree.map(_to_host, nnx.to_pure_dict(params))
-  tensors = to_hf_state_dict(host, s.model_config)
+  tensors = hf_layout.to_hf_state_dict(host, s.model_config)
   hf = hf_config(s.model_config, config.model.to_dict(), s.tokenizer.eos_id, s.tokenizer.pad_id)
   hf["polycom_jax"]["step"] = step
   if jax.process_index() == 0:
@@ -353,10 +231,10 @@ def import_checkpoint(config, hf_dir: str, workdir: str, step: int = 0) -> str:
   Returns the checkpoint's path.
   """
   s = setup_lib.setup(config)
-  check_supported(s.model_config)
+  hf_layout.check_supported(s.model_config)
   _require_no_checkpoints(workdir)
   hf, tensors = read_hf_dir(hf_dir)
-  values = from_hf_state_dict(tensors, s.model_config, where=f"--hf_dir={hf_dir}")
+  values = hf_layout.from_hf_state_dict(tensors, s.model_config, where=f"--hf_dir={hf_dir}")
   check_hf_config(hf, s.model_config, where=os.path.join(hf_dir, CONFIG_FILE))
   setup_lib.check_workdir(workdir)
   checkpointer = ckpt_lib.Checkpointer(workdir, async_save=False)

@@ -13,6 +13,7 @@ from flax import nnx
 from polycom_jax import model as model_lib
 from polycom_jax import moe as moe_lib
 from polycom_jax import optimizer as opt_lib
+from polycom_jax import param_layouts
 from polycom_jax import sharding as sharding_lib
 from polycom_jax.setup import Setup
 
@@ -81,7 +82,7 @@ def make_train_step(s: Setup) -> Callable[[dict, dict], tuple[dict, dict]]:
     metrics = {"loss": loss, "grad_norm": grad_norm,
                "lr": opt_lib.applied_learning_rate(state["opt_state"], t),
                "tokens": total_tokens, "nonfinite": ~finite, **aux}
-    coefficients = model_lib.activation_coefficients(new_state["params"])
+    coefficients = param_layouts.activation_coefficients(new_state["params"])
     if coefficients is not None:
       metrics["coefficients"] = coefficients
     return new_state, metrics

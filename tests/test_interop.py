@@ -17,7 +17,8 @@ from safetensors.numpy import load_file
 
 from polycom_jax import checkpoint as ckpt_lib
 from polycom_jax import data as data_lib
-from polycom_jax import evaluation, hf_files, interop, model as model_lib
+from polycom_jax import evaluation, hf_files, hf_layout, interop, model as model_lib
+from polycom_jax import param_layouts
 from polycom_jax import setup as setup_lib
 from polycom_jax.config_errors import ConfigError
 
@@ -119,7 +120,7 @@ def test_scanned_layers_export_the_same_tensors_and_import_back(export, tmp_path
   scanned = config.copy_and_resolve_references()
   scanned.model.scan_layers = True
   s = setup_lib.setup(scanned)
-  stacked = model_lib.stack_layers(nnx.to_pure_dict(params))
+  stacked = param_layouts.stack_layers(nnx.to_pure_dict(params))
   state_params = jax.tree.map(lambda a: a, s.abstract_state["params"])
   nnx.replace_by_pure_dict(state_params, jax.tree.map(jnp.asarray, stacked))
   workdir = str(tmp_path / "scanned_run")
@@ -268,7 +269,7 @@ def test_mismatched_directory_is_refused(export, tmp_path, edit_tensors, edit_co
   assert not os.path.exists(workdir / "checkpoints")          # nothing written
 
 
-def test_missing_files_and_moe_are_refused(tiny, tmp_path):
+def test_missing_files_and_moe_outside_the_olmoe_layout_are_refused(tiny, tmp_path):
   with pytest.raises(ConfigError, match="no config.json"):
     hf_files.read_hf_dir(str(tmp_path))
   (tmp_path / "config.json").write_text("{}")
@@ -276,7 +277,7 @@ def test_missing_files_and_moe_are_refused(tiny, tmp_path):
     hf_files.read_hf_dir(str(tmp_path))
   config = tiny()
   config.model.update(num_experts=4, num_experts_per_tok=2)
-  with pytest.raises(ConfigError, match="num_experts=4: .* dense models only"):
+  with pytest.raises(ConfigError, match="OLMoE's layout.*qk_norm='projection'"):
     interop.export_checkpoint(config, str(tmp_path), str(tmp_path / "out"))
 
 
@@ -299,10 +300,10 @@ def test_qk_norm_and_tied_embeddings_match_transformers_qwen3(torch_llama):
   abstract = nnx.eval_shape(lambda: model_lib.Transformer(mc, nnx.Rngs(0)))
   state = _random_like(nnx.state(abstract, nnx.Param), seed=1)
   params = jax.device_get(nnx.to_pure_dict(state))
-  tensors = interop.to_hf_state_dict(params, mc)
+  tensors = hf_layout.to_hf_state_dict(params, mc)
   assert "lm_head.weight" not in tensors
   assert tensors["model.layers.0.self_attn.k_norm.weight"].shape == (16,)
-  jax.tree.map(np.testing.assert_array_equal, interop.from_hf_state_dict(tensors, mc), params)
+  jax.tree.map(np.testing.assert_array_equal, hf_layout.from_hf_state_dict(tensors, mc), params)
   hf = interop.hf_config(mc)
   assert (hf["architectures"], hf["hidden_act"]) == (["Qwen3ForCausalLM"], "gelu")
   assert interop.model_fields_from_hf(hf)["qk_norm"] == "head"
@@ -380,3 +381,102 @@ def test_convert_cli_imports_with_the_model_from_the_directory(export, tmp_path)
   again = _convert(config, "--direction=import", "--model_from_hf", f"--hf_dir={hf_dir}",
                    f"--workdir={tmp_path}")
   assert again.returncode == 2 and "already has checkpoints [0]" in again.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# MoE in OLMoE's layout (transformers' OlmoeForCausalLM)
+
+@pytest.fixture(scope="module")
+def olmoe_dir(tmp_path_factory):
+  """(hf_dir, torch model): a random tiny OlmoeForCausalLM (float32), saved with
+  save_pretrained (per-expert tensors), weights far from their init so a swap shows."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  cfg = transformers.OlmoeConfig(
+      vocab_size=384, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+      max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=500.0, norm_topk_prob=False,
+      eos_token_id=257, pad_token_id=256, attn_implementation="eager")
+  torch.manual_seed(0)
+  model = transformers.OlmoeForCausalLM(cfg).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.copy_((p.ndim == 1) + 0.2 * torch.randn_like(p))
+  hf_dir = str(tmp_path_factory.mktemp("olmoe"))
+  model.save_pretrained(hf_dir)
+  return hf_dir, model
+
+
+def _olmoe_config(corpus_glob, data_dir, hf: dict):
+  from conftest import tiny_config
+  c = tiny_config(corpus_glob, data_dir)
+  c.model.update(**interop.model_fields_from_hf(hf), document_mask=False, dtype="float32")
+  return c
+
+
+def test_olmoe_import_and_export_match_transformers(olmoe_dir, corpus_glob, data_dir, tmp_path):
+  """save_pretrained's per-expert tensors import to the same logits (float32); an import of the
+  fused in-memory layout (experts.gate_up_proj / down_proj) gives the same params; the export
+  holds the same tensors and loads back into OlmoeForCausalLM with the same logits."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  hf_dir, torch_model = olmoe_dir
+  hf, tensors = hf_files.read_hf_dir(hf_dir)
+  assert "model.layers.0.mlp.experts.3.gate_proj.weight" in tensors     # what 5.x writes
+  config = _olmoe_config(corpus_glob, data_dir, hf)
+  mc = model_lib.ModelConfig.from_config(config.model)
+  assert (mc.num_experts, mc.moe_d_ff, mc.qk_norm, mc.activation) == (4, 32, "projection",
+                                                                      "swiglu")
+  interop.check_hf_config(hf, mc, where="config.json")
+  params = hf_layout.from_hf_state_dict(tensors, mc)
+  fused = {n: p.detach().numpy() for n, p in torch_model.state_dict().items()}
+  assert "model.layers.0.mlp.experts.gate_up_proj" in fused
+  jax.tree.map(np.testing.assert_array_equal, hf_layout.from_hf_state_dict(fused, mc), params)
+
+  abstract = nnx.eval_shape(lambda: model_lib.Transformer(mc, nnx.Rngs(0)))
+  state = nnx.state(abstract, nnx.Param)
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+  tokens = np.random.RandomState(0).randint(0, 384, (2, 24))
+  ours = np.asarray(nnx.merge(nnx.graphdef(abstract), state)(jnp.asarray(tokens)))
+  with torch.no_grad():
+    want = torch_model(torch.as_tensor(tokens)).logits.numpy()
+  assert np.abs(want).max() > 1.0
+  np.testing.assert_allclose(ours, want, rtol=1e-4, atol=1e-4)
+
+  # The checkpoint path: import into a workdir, export it again.
+  interop.import_checkpoint(config, hf_dir, str(tmp_path / "run"))
+  out = str(tmp_path / "export")
+  interop.export_checkpoint(config, str(tmp_path / "run"), out)
+  hf2, tensors2 = hf_files.read_hf_dir(out)
+  assert hf2["architectures"] == ["OlmoeForCausalLM"] and hf2["intermediate_size"] == 32
+  assert set(tensors2) == set(tensors)
+  for name, t in tensors.items():
+    np.testing.assert_array_equal(tensors2[name], t, err_msg=name)
+  reloaded = transformers.OlmoeForCausalLM.from_pretrained(out, attn_implementation="eager")
+  with torch.no_grad():
+    again = reloaded.eval()(torch.as_tensor(tokens)).logits.numpy()
+  np.testing.assert_allclose(again, want, rtol=1e-5, atol=1e-5)
+
+
+def test_olmoe_layout_refuses_per_head_qk_norm():
+  mc = _model_config(num_experts=4, num_experts_per_tok=2, moe_ungated_d_ff=96, qk_norm="head")
+  with pytest.raises(ConfigError, match="qk_norm"):
+    hf_layout.check_supported(mc)
+
+
+@pytest.mark.parametrize("per_expert", [False, True], ids=["shared", "per_expert"])
+def test_polycom_experts_round_trip_with_their_coefficients(per_expert):
+  """PolyNorm experts (ungated: no gate_proj) in the OLMoE layout, their coefficients as extra
+  tensors (mlp.act_fn.* shared, mlp.experts.N.act_fn.* per expert), scanned layers; exact."""
+  mc = _model_config(activation="polynorm", num_experts=4, num_experts_per_tok=2,
+                     moe_ungated_d_ff=96, qk_norm="projection", scan_layers=True,
+                     activation_per_expert=per_expert)
+  abstract = nnx.eval_shape(lambda: model_lib.Transformer(mc, nnx.Rngs(0)))
+  params = jax.device_get(nnx.to_pure_dict(_random_like(nnx.state(abstract, nnx.Param))))
+  tensors = hf_layout.to_hf_state_dict(params, mc)
+  layer = "model.layers.1.mlp."
+  assert tensors[layer + "experts.2.up_proj.weight"].shape == (96, 64)
+  assert layer + "experts.2.gate_proj.weight" not in tensors
+  coefficient = layer + ("experts.3.act_fn.weight" if per_expert else "act_fn.weight")
+  assert tensors[coefficient].shape == (3,)
+  jax.tree.map(np.testing.assert_array_equal, hf_layout.from_hf_state_dict(tensors, mc), params)

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from configs import default
-from polycom_jax import activations, layers, model
+from polycom_jax import activations, layers, model, param_layouts
 from polycom_jax.config_errors import ConfigError
 
 
@@ -230,7 +230,7 @@ def test_scanned_layers_equal_the_unrolled_stack(overrides):
   c_scan = dataclasses.replace(c, scan_layers=True)
   unrolled, scanned = model.Transformer(c, nnx.Rngs(0)), model.Transformer(c_scan, nnx.Rngs(1))
   params = nnx.to_pure_dict(nnx.state(unrolled, nnx.Param))
-  stacked = model.stack_layers(params)
+  stacked = param_layouts.stack_layers(params)
   scan_params = nnx.state(scanned, nnx.Param)
   for path, v in nnx.to_flat_state(scan_params):
     if path[0] == "layers" and v.get_metadata().get("out_sharding"):
@@ -239,7 +239,7 @@ def test_scanned_layers_equal_the_unrolled_stack(overrides):
   nnx.replace_by_pure_dict(scan_params, stacked)
   nnx.update(scanned, scan_params)
   assert sum(x.size for x in jax.tree.leaves(scan_params)) == model.num_params(c_scan)
-  jax.tree.map(np.testing.assert_array_equal, model.unstack_layers(stacked), params)
+  jax.tree.map(np.testing.assert_array_equal, param_layouts.unstack_layers(stacked), params)
 
   tokens = _tokens(c, (2, 9))
 
@@ -259,7 +259,7 @@ def test_scanned_layers_equal_the_unrolled_stack(overrides):
   for name in aux:
     np.testing.assert_allclose(aux_s[name], aux[name], rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
-               model.unstack_layers(grads_s), grads)
+               param_layouts.unstack_layers(grads_s), grads)
 
   cache, cache_scan = model.init_cache(c, 2, 12), model.init_cache(c_scan, 2, 12)
   assert cache_scan["k"].shape == (3, 2, 12, c.num_kv_heads, c.head_dim)
