@@ -53,7 +53,8 @@ def get_config():
       num_steps=200_000_000_000 // TOKENS_PER_STEP, global_batch_size=1024, micro_batch_size=0,
       learning_rate=4e-4, min_learning_rate=4e-5,
       warmup_steps=10_500_000_000 // TOKENS_PER_STEP, b1=0.9, b2=0.95, adam_eps=1e-8,
-      weight_decay=0.1, weight_decay_rule="olmoe", grad_clip=1.0, log_every=10, eval_every=1000, eval_batches=20,
+      weight_decay=0.1, weight_decay_rule="olmoe", grad_clip=1.0, log_every=10,
+      eval_every=1000, eval_batches=20,
       checkpoint_every=1000)
   c.eval.update(batch_size=1024, max_batches=20)
   c.mesh.update(data=1, fsdp=-1, tensor=1, expert=8)
