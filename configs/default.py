@@ -65,8 +65,17 @@ def get_config() -> ml_collections.ConfigDict:
   d.text_glob = ""              # built-in corpus: "" -> Python's standard library sources
   d.tokenizer = "byte"          # byte | sentencepiece | huggingface
   d.tokenizer_path = ""         # .model file (sentencepiece) or tokenizer.json (huggingface)
+  d.train_files = ""            # JSONL / Parquet files (glob) instead of a TFDS dataset; the
+  d.eval_files = ""             # record field / column is text_feature
+  d.prepared = True             # train on rows tokenized once (prepared on first use), globally
+                                # shuffled; False: pack on the fly (quick experiments)
+  d.prepared_dir = ""           # "" -> DATA_DIR/prepared; one folder per source/tokenizer/seq_len
+  d.prepared_train = ""         # a prepared folder to use as it is (checked against this config)
+  d.prepared_eval = ""
+  d.prepare_workers = 0         # tokenizer processes when preparing (0: the machine's cores)
   d.shuffle_seed = 0
-  d.num_workers = 0             # grain worker processes (0: in-process)
+  d.shuffle_buffer_rows = 4096  # on the fly only: rows shuffled in a window of this many
+  d.num_workers = 0             # on the fly only: grain worker processes (0: in-process)
   d.prefetch = 2
 
   # --- training ------------------------------------------------------------------------------

@@ -48,10 +48,15 @@ def gather_data_states(data_state: dict) -> dict:
 
 
 def this_process_data_state(saved: dict) -> dict | None:
-  """This process's data state from a checkpoint's `data` item; None when it was written by a
-  different number of processes (a position in another sharding of the data does not carry)."""
+  """This process's data state from a checkpoint's `data` item. Written by a different number
+  of processes: the common state when every process saved the same one (prepared rows: the
+  global step), else None (a position in another sharding of the data does not carry)."""
   states = saved.get("per_process", [])
-  return states[jax.process_index()] if len(states) == jax.process_count() else None
+  if len(states) == jax.process_count():
+    return states[jax.process_index()]
+  if states and all(s == states[0] for s in states):
+    return states[0]
+  return None
 
 
 def checkpoint_dir(workdir: str) -> str:

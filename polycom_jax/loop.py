@@ -133,6 +133,8 @@ def _resume_or_init(s: setup_lib.Setup, checkpointer, config_dict: dict, train_i
     return 0, setup_lib.init_state(s)
   start, state, data_state = checkpointer.restore_latest_good(s.abstract_state, config_dict,
                                                               warn=log)
+  data_lib.check_resumable(checkpointer.read_config(start).get("data", {}), config_dict["data"],
+                           start)
   if data_state is None:
     log(f"warning: the step-{start} checkpoint was written by a different number of "
         "processes; each process's data position cannot carry over, so the data iterators "

@@ -38,10 +38,14 @@ def corpus(tmp_path_factory):
 
 
 def _config(tmp_path, corpus_root=None, **overrides):
+  """The on-the-fly pipeline (prepared rows: tests/test_prepared.py), no row shuffle window
+  unless asked, so batches follow the packer's order."""
   c = get_config().data
   c.seq_len = SEQ_LEN
   c.data_dir = str(tmp_path / "data_cache")
   c.prefetch = 0
+  c.prepared = False
+  c.shuffle_buffer_rows = 0
   if corpus_root is not None:
     c.text_glob = str(corpus_root / "**" / "*.txt")
   for key, value in overrides.items():
@@ -428,7 +432,22 @@ def test_text_glob_errors(tmp_path):
   for name in ("a.txt", "b.txt"):
     (tmp_path / "empty" / name).write_text("")
   c.text_glob = str(tmp_path / "empty" / "*.txt")
-  with pytest.raises(ConfigError, match="config.data.text_glob.*only empty files"):
+  with pytest.raises(ConfigError, match="config.data.text_glob.*no non-empty text files"):
     data.check_data_config(c)
   with pytest.raises(ConfigError, match="config.data.text_glob"):
     data.get_data_source(c, "train")
+
+
+def test_binary_files_in_a_text_glob_are_skipped_and_counted(tmp_path, capsys):
+  root = tmp_path / "mixed"
+  root.mkdir()
+  for i in range(3):
+    (root / f"t{i}.txt").write_text(f"text file {i} " * 20, encoding="utf-8")
+  (root / "image.txt").write_bytes(bytes(range(256)) * 4)           # NUL bytes
+  (root / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 50)  # not UTF-8
+  (root / "cut.txt").write_bytes(("ü" * 4095 + "é").encode("utf-8")[:8192 + 1])  # cut char
+  c = _config(tmp_path, text_glob=str(root / "*.txt"))
+  from polycom_jax.data import builtin_corpus
+  names = sorted(rel for _, rel in builtin_corpus.list_documents(c.text_glob))
+  assert names == ["cut.txt", "t0.txt", "t1.txt", "t2.txt"]
+  assert "skipped 2 binary file(s)" in capsys.readouterr().err

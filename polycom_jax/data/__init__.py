@@ -3,6 +3,7 @@
 from polycom_jax.data.pipeline import make_eval_iterator
 from polycom_jax.data.pipeline import make_train_iterator
 from polycom_jax.data.sources import check_data_config
+from polycom_jax.data.sources import check_resumable
 from polycom_jax.data.sources import get_data_source
 from polycom_jax.data.sources import resolve_data_dir
 from polycom_jax.data.tokenizers import ByteTokenizer

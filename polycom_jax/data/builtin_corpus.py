@@ -14,6 +14,7 @@ import glob
 import hashlib
 import json
 import os
+import sys
 import sysconfig
 
 from etils import epath
@@ -62,11 +63,34 @@ def _glob_documents(text_glob: str) -> list[tuple[str, str]]:
   paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
   if not paths:
     raise ConfigError(f"config.data.text_glob={text_glob!r} matches no files.")
-  documents = [(p, os.path.relpath(p, root)) for p in paths if os.path.getsize(p) > 0]
+  nonempty = [p for p in paths if os.path.getsize(p) > 0]
+  documents = [(p, os.path.relpath(p, root)) for p in nonempty if not is_binary(p)]
+  binary = len(nonempty) - len(documents)
+  if binary and text_glob not in _REPORTED:
+    _REPORTED.add(text_glob)
+    print(f"note: config.data.text_glob={text_glob!r}: skipped {binary} binary file(s) (NUL "
+          "bytes or not UTF-8 in their first 8 KiB)", file=sys.stderr)
   if not documents:
-    raise ConfigError(f"config.data.text_glob={text_glob!r} matches only empty files "
-                      f"({len(paths)} of them).")
+    raise ConfigError(f"config.data.text_glob={text_glob!r} matches no non-empty text files "
+                      f"({len(paths)} files, {binary} binary).")
   return documents
+
+
+_REPORTED: set[str] = set()
+
+
+def is_binary(path: str, probe: int = 8192) -> bool:
+  """Whether a file looks binary: a NUL byte, or bytes that are not UTF-8, in its first
+  `probe` bytes (a multi-byte character cut at the end of the probe is allowed)."""
+  with open(path, "rb") as f:
+    head = f.read(probe)
+  if b"\0" in head:
+    return True
+  try:
+    head.decode("utf-8")
+  except UnicodeDecodeError as e:
+    return e.start < len(head) - 3      # not just a character cut by the probe
+  return False
 
 
 def list_documents(text_glob: str) -> list[tuple[str, str]]:

@@ -1,4 +1,15 @@
-"""grain pipelines: TFDS source -> process shard -> (shuffle, repeat) -> tokenize -> pack -> batch.
+"""grain pipelines of packed rows, from prepared data (the default) or made on the fly.
+
+Prepared (config.data.prepared, polycom_jax/data/prepared.py): the corpus is tokenized once into
+rows; training reads a global shuffle of the rows, reshuffled every epoch, and global batch k is
+rows [k*B, (k+1)*B) of that order, each process reading its own slice of it, so every batch row
+is independent of its neighbours and the iterator state (the step) restores exactly, also onto
+another number of processes. Validation reads a fixed random sample of rows drawn from across
+the whole split (config.eval.max_batches batches; all rows with 0), the same at every eval.
+
+On the fly (config.data.prepared=False, for quick experiments): TFDS source -> process shard ->
+(shuffle, repeat) -> tokenize -> pack -> a shuffle window of config.data.shuffle_buffer_rows
+rows -> batch; validation is the split's first batches in order.
 
 Every batch is a dict of numpy arrays, each [batch_size, seq_len]:
   inputs      int32    token ids; a document is fed as [EOS, t1..tn] (EOS also marks its start)
@@ -13,12 +24,13 @@ share of the documents. Iterator states are small JSON-serialisable dicts that r
 """
 
 import math
+import sys
 
 import grain
 import numpy as np
 
 from polycom_jax.config_errors import ConfigError
-from polycom_jax.data import packing
+from polycom_jax.data import packing, prepared
 from polycom_jax.data.sources import check_data_config  # pylint: disable=unused-import  (re-export)
 from polycom_jax.data.sources import get_data_source
 from polycom_jax.data.tokenizers import Tokenizer
@@ -72,10 +84,64 @@ def _finish(ds: grain.IterDataset, data_config) -> grain.DatasetIterator:
   return iter(ds)
 
 
+class _ProcessShare(grain.MapDataset):
+  """Element i of process p: row (i // b) * B + p * b + i % b of the parent (b rows per
+  process, B = b * process_count per global batch), endless: batch k of this dataset is this
+  process's slice of global batch k."""
+
+  def __init__(self, parent: grain.MapDataset, *, per_process: int, process_index: int,
+               process_count: int):
+    super().__init__(parent)
+    self._b, self._p, self._n = per_process, process_index, process_count
+
+  def __len__(self) -> int:
+    return sys.maxsize
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    step, j = divmod(index, self._b)
+    return self._parent[(step * self._n + self._p) * self._b + j]
+
+  def __str__(self) -> str:
+    return f"_ProcessShare(b={self._b}, p={self._p}/{self._n})"
+
+
+def _prepared_train(data_config, tokenizer: Tokenizer, *, batch_size: int, seed: int,
+                    process_index: int, process_count: int) -> grain.DatasetIterator:
+  rows = prepared.open_rows(data_config, tokenizer, "train")
+  if len(rows) < batch_size * process_count:
+    raise ConfigError(f"{rows.path} has {len(rows)} rows, fewer than one global batch "
+                      f"({batch_size * process_count})")
+  ds = _ProcessShare(grain.MapDataset.source(rows).shuffle(seed=seed), per_process=batch_size,
+                     process_index=process_index, process_count=process_count)
+  return _prefetch(ds.batch(batch_size).to_iter_dataset(_READ_OPTIONS), data_config)
+
+
+def _prefetch(ds: grain.IterDataset, data_config) -> grain.DatasetIterator:
+  """Prepared rows need no worker processes: one background thread reads ahead."""
+  if data_config.prefetch > 0:
+    ds = grain.experimental.ThreadPrefetchIterDataset(ds,
+                                                      prefetch_buffer_size=data_config.prefetch)
+  return iter(ds)
+
+
+_WARNED = set()
+
+
 def make_train_iterator(data_config, tokenizer: Tokenizer, *, batch_size: int, seed: int,
                         process_index: int = 0,
                         process_count: int = 1) -> grain.DatasetIterator:
-  """Endless packed batches of config.data.train_split, reshuffled every epoch with `seed`."""
+  """Endless batches of config.data.train_split, reshuffled every epoch with `seed`."""
+  if data_config.get("prepared", False):
+    return _prepared_train(data_config, tokenizer, batch_size=batch_size, seed=seed,
+                           process_index=process_index, process_count=process_count)
+  if "on the fly" not in _WARNED and process_index == 0:
+    _WARNED.add("on the fly")
+    print(f"note: packing the data on the fly, rows shuffled in a window of "
+          f"{data_config.get('shuffle_buffer_rows', 0)}: fine for quick experiments; for real "
+          "runs prepare the data once (config.data.prepared=True, prepare_data.py)",
+          file=sys.stderr)
   ds = _process_shard(data_config, data_config.train_split, process_index, process_count)
   if not len(ds):
     raise ConfigError(f"config.data.train_split={data_config.train_split!r} of "
@@ -84,6 +150,9 @@ def make_train_iterator(data_config, tokenizer: Tokenizer, *, batch_size: int, s
   ds = ds.shuffle(seed=seed).repeat(None).map(_Tokenize(tokenizer, data_config.text_feature))
   ds = packing.PackIterDataset(ds.to_iter_dataset(_READ_OPTIONS), seq_len=data_config.seq_len,
                                pad_id=tokenizer.pad_id)
+  if data_config.get("shuffle_buffer_rows", 0):
+    ds = grain.experimental.WindowShuffleIterDataset(
+        ds, window_size=data_config.shuffle_buffer_rows, seed=seed)
   return _finish(ds.batch(batch_size, drop_remainder=True), data_config)
 
 
@@ -104,12 +173,42 @@ def _num_eval_batches(data_config, tokenizer: Tokenizer, *, batch_size: int, max
   return min(most, max_batches) if max_batches else most
 
 
+def eval_sample(num_rows: int, global_batch: int, max_batches: int) -> np.ndarray:
+  """The validation rows evaluated, in order: max_batches * global_batch rows drawn without
+  replacement from the whole split by a fixed seed (all rows when 0 or when the split is
+  smaller), padded with -1 (an empty row) to whole batches."""
+  want = max_batches * global_batch if max_batches else num_rows
+  if want < num_rows:
+    rows = np.sort(np.random.default_rng(0).choice(num_rows, want, replace=False))
+  else:
+    rows = np.arange(num_rows)
+  pad = -len(rows) % global_batch
+  return np.concatenate([rows, np.full([pad], -1, rows.dtype)])
+
+
+def _prepared_eval(data_config, tokenizer: Tokenizer, *, batch_size: int, max_batches: int,
+                   process_index: int, process_count: int) -> grain.DatasetIterator:
+  rows = prepared.open_rows(data_config, tokenizer, "eval")
+  sample = eval_sample(len(rows), batch_size * process_count, max_batches)
+  mine = sample.reshape(-1, process_count, batch_size)[:, process_index].reshape(-1)
+  empty = {**packing.empty_row(data_config.seq_len, tokenizer.pad_id),
+           "loss_mask": np.zeros([data_config.seq_len], np.float32)}
+  ds = grain.MapDataset.source(mine.tolist()).map(lambda i: rows[i] if i >= 0 else empty)
+  return _prefetch(ds.batch(batch_size).to_iter_dataset(_READ_OPTIONS), data_config)
+
+
 def make_eval_iterator(data_config, tokenizer: Tokenizer, *, batch_size: int,
                        max_batches: int = 0, process_index: int = 0,
                        process_count: int = 1) -> grain.DatasetIterator:
-  """One pass over config.data.eval_split, in order; padding rows (loss_mask 0) fill the last
-  batch. At most max_batches batches (0: all). With several processes every process yields
-  the same number of batches (the largest shard's; this tokenizes the split once up front)."""
+  """Validation batches. Prepared: a fixed sample of rows from across the split (eval_sample).
+  On the fly: one pass over config.data.eval_split, in order; padding rows (loss_mask 0) fill
+  the last batch. At most max_batches batches (0: all). With several processes every process
+  yields the same number of batches (on the fly: the largest shard's; this tokenizes the split
+  once up front)."""
+  if data_config.get("prepared", False):
+    return _prepared_eval(data_config, tokenizer, batch_size=batch_size,
+                          max_batches=max_batches, process_index=process_index,
+                          process_count=process_count)
   ds = _process_shard(data_config, data_config.eval_split, process_index, process_count)
   ds = ds.map(_Tokenize(tokenizer, data_config.text_feature)).to_iter_dataset(_READ_OPTIONS)
   ds = packing.PackIterDataset(ds, seq_len=data_config.seq_len, pad_id=tokenizer.pad_id)

@@ -1,5 +1,6 @@
 """Validates config.data and opens random-access TFDS data sources (array_record, no TF)."""
 
+import glob
 import os
 import re
 
@@ -10,6 +11,19 @@ from polycom_jax.data import builtin_corpus
 from polycom_jax.data import tokenizers
 
 DEFAULT_DATA_DIR = "./data_cache"
+FILE_KINDS = (".jsonl", ".parquet")
+
+
+def file_paths(pattern: str, field: str) -> list[str]:
+  """The JSONL / Parquet files of config.data.{field}, sorted; a ConfigError names the field."""
+  paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
+                 if os.path.isfile(p))
+  if not paths:
+    raise ConfigError(f"config.data.{field}={pattern!r} matches no files")
+  bad = [p for p in paths if not p.endswith(FILE_KINDS)]
+  if bad:
+    raise ConfigError(f"config.data.{field}: {bad[0]} is neither .jsonl nor .parquet")
+  return paths
 
 
 def resolve_data_dir(data_config) -> str:
@@ -42,7 +56,22 @@ def check_data_config(data_config) -> None:
     value = data_config.get(field)
     if not isinstance(value, int) or value < 0:
       raise ConfigError(f"config.data.{field}={value!r} must be an int >= 0.")
+  for field in ("shuffle_buffer_rows", "prepare_workers"):
+    value = data_config.get(field, 0)
+    if not isinstance(value, int) or value < 0:
+      raise ConfigError(f"config.data.{field}={value!r} must be an int >= 0.")
   tokenizers.check_tokenizer_config(data_config)
+  if data_config.get("train_files", ""):
+    if not data_config.get("prepared", False):
+      raise ConfigError("config.data.train_files (JSONL / Parquet) are read through prepared "
+                        "rows: set config.data.prepared=True")
+    if not data_config.get("eval_files", ""):
+      raise ConfigError("config.data.train_files is set, so config.data.eval_files must name "
+                        "the validation files too")
+    file_paths(data_config.train_files, "train_files")
+    file_paths(data_config.eval_files, "eval_files")
+    _make_data_dir(data_config)
+    return
   if data_config.tfds_name == builtin_corpus.NAME:
     builtin_corpus.list_documents(data_config.text_glob)
     _make_data_dir(data_config)
@@ -123,3 +152,27 @@ def get_data_source(data_config, split: str):
     raise ConfigError(f"config.data.text_feature={data_config.text_feature!r} is not a feature of "
                       f"{data_config.tfds_name!r}; available: {features}.")
   return source
+
+
+# config.data fields that decide which rows a data position points at: a run resumed with any of
+# them changed cannot carry its data position over.
+POSITION_FIELDS = ("tfds_name", "text_glob", "train_split", "train_files", "text_feature",
+                   "tokenizer", "tokenizer_path", "seq_len", "shuffle_seed", "prepared",
+                   "prepared_train", "shuffle_buffer_rows", "num_workers")
+
+
+def check_resumable(saved: dict, current: dict, step: int) -> None:
+  """A one-line ConfigError naming the first config.data field that changed since the step's
+  checkpoint in a way its data position cannot follow (num_workers and shuffle_buffer_rows
+  matter on the fly only)."""
+  for name in POSITION_FIELDS:
+    if name in ("num_workers", "shuffle_buffer_rows") and current.get("prepared"):
+      continue
+    a, b = saved.get(name), current.get(name)
+    if a is None and name not in saved:    # a checkpoint from before the field existed
+      continue
+    if a != b:
+      raise ConfigError(
+          f"config.data.{name} is {b!r} but the step-{step} checkpoint was trained with {a!r}: "
+          "its data position does not carry over; resume with the old value, or train in a new "
+          "--workdir")
