@@ -395,6 +395,21 @@ def test_prepared_tfds_dataset_by_name(tmp_path, tiny_texts_dir):
   assert len(_documents(c, "test")) == 3
 
 
+def test_prepared_rows_from_a_tfds_dataset(tmp_path, tiny_texts_dir):
+  """Any TFDS dataset in array_record format prepares into rows that tile its documents."""
+  from polycom_jax.data import prepared
+  c = _config(tmp_path, tfds_name="polycom_tiny_texts", data_dir=tiny_texts_dir,
+              text_feature="content", train_split="train", eval_split="test", prepared=True,
+              prepared_dir=str(tmp_path / "prepared"), seq_len=8)
+  tok = data.ByteTokenizer()
+  rows = prepared.open_rows(c, tok, "train")
+  stream = np.concatenate([[EOS] + d[:-1] for d in _documents(c, "train")])
+  inputs = np.concatenate([rows[i]["inputs"] for i in range(len(rows))])
+  assert len(rows) == (len(stream) - 1) // 8
+  np.testing.assert_array_equal(inputs, stream[:len(inputs)])
+  assert rows.manifest["source"]["name"] == "polycom_tiny_texts"
+
+
 # --- config errors -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("overrides,message", [

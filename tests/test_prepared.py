@@ -231,18 +231,15 @@ def test_a_prepared_folder_that_does_not_match_is_refused(tmp_path, corpus):
   other = _config(tmp_path, text_glob=corpus, seq_len=64, prepared_train=path)
   with pytest.raises(ConfigError, match=r"config.data.seq_len=32, but this run has 64"):
     prepared.open_rows(other, TOK, "train")
-  unfinished = tmp_path / "unfinished"
-  unfinished.mkdir()
-  (unfinished / "rows-00000.array_record").write_text("x")
-  with pytest.raises(ConfigError, match="unfinished preparation"):
-    prepared.open_rows(_config(tmp_path, text_glob=corpus, prepared_train=str(unfinished)),
-                       TOK, "train")
-  broken = tmp_path / "broken"
-  broken.mkdir()
-  (broken / "manifest.json").write_text("{not json")
-  with pytest.raises(ConfigError, match="not valid JSON"):
-    prepared.open_rows(_config(tmp_path, text_glob=corpus, prepared_train=str(broken)),
-                       TOK, "train")
+  for name, file, content, message in (
+      ("unfinished", "rows-00000.array_record", "x", "unfinished preparation"),
+      ("broken", "manifest.json", "{not json", "not valid JSON")):
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / file).write_text(content)
+    with pytest.raises(ConfigError, match=message):
+      prepared.open_rows(_config(tmp_path, text_glob=corpus, prepared_train=str(folder)),
+                         TOK, "train")
 
 
 def test_validation_is_a_fixed_sample_from_across_the_split(tmp_path, corpus):

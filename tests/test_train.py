@@ -100,6 +100,20 @@ def test_resume_reproduces_the_uninterrupted_losses(finished_run, tmp_path):
   assert _losses(resumed) == {k: expected[k] for k in (4, 5, 6)}
 
 
+def test_resume_with_another_corpus_is_refused_naming_the_field(finished_run, tmp_path):
+  """A run resumed with other data settings: one ConfigError naming the field, before any
+  compile, and the checkpoints are left as they were."""
+  config, workdir, _ = finished_run
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(workdir, resumed)
+  other = config.copy_and_resolve_references()
+  other.data.text_glob = other.data.text_glob.replace("*.txt", "*.py.txt")
+  with pytest.raises(ConfigError, match=r"config.data.text_glob is .* but the step-6 "
+                                        "checkpoint was trained with"):
+    loop.train(other, resumed)
+  assert ckpt_lib.Checkpointer(resumed).steps() == [3, 6]
+
+
 def test_eval_of_restored_checkpoint_equals_eval_at_end_of_training(finished_run):
   config, workdir, result = finished_run
   out = evaluation.evaluate_checkpoint(config, workdir, with_unigram=False)
@@ -146,10 +160,15 @@ def test_gradient_accumulation_equals_the_full_batch(setup_and_batch, tiny):
   s, batch = setup_and_batch
   s_accum = setup_lib.setup(tiny(micro_batch_size=2))
   with jax.set_mesh(s.mesh):
-    full, m_full = steps_lib.make_train_step(s)(setup_lib.init_state(s),
-                                                steps_lib.global_batch(s, batch))
-    acc, m_acc = steps_lib.make_train_step(s_accum)(setup_lib.init_state(s_accum),
-                                                    steps_lib.global_batch(s, batch))
+    _check_accumulation_equals_the_full_batch(s, s_accum, setup_lib.init_state(s), batch)
+
+
+def _check_accumulation_equals_the_full_batch(s, s_accum, state, batch):
+  """One step of the unsplit batch and one accumulated over micro-batches: same loss, gradient
+  norm and parameters."""
+  full, m_full = steps_lib.make_train_step(s)(state, steps_lib.global_batch(s, batch))
+  acc, m_acc = steps_lib.make_train_step(s_accum)(setup_lib.init_state(s_accum),
+                                                  steps_lib.global_batch(s, batch))
   np.testing.assert_allclose(m_full["loss"], m_acc["loss"], rtol=1e-6)
   np.testing.assert_allclose(m_full["grad_norm"], m_acc["grad_norm"], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(full["params"]), jax.tree.leaves(acc["params"])):
@@ -181,13 +200,7 @@ def test_gradient_accumulation_weights_micro_batches_by_their_tokens(setup_and_b
     # apart flip many signs, so the parameter check below tells the two apart.
     wrong = optax.tree.norm(jax.tree.map(jnp.subtract, mean_of_means, unsplit))
     assert float(wrong) > 0.1 * float(optax.tree.norm(unsplit))          # the test can fail
-    full, m_full = steps_lib.make_train_step(s)(state, steps_lib.global_batch(s, batch))
-    acc, m_acc = steps_lib.make_train_step(s_accum)(setup_lib.init_state(s_accum),
-                                                    steps_lib.global_batch(s, batch))
-  np.testing.assert_allclose(m_full["loss"], m_acc["loss"], rtol=1e-6)
-  np.testing.assert_allclose(m_full["grad_norm"], m_acc["grad_norm"], rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(full["params"]), jax.tree.leaves(acc["params"])):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    _check_accumulation_equals_the_full_batch(s, s_accum, state, batch)
 
 
 def test_nonfinite_batch_leaves_state_untouched(setup_and_batch):
