@@ -136,30 +136,62 @@ class Checkpointer:
         data=ocp.args.JsonRestore())).data["per_process"]
 
   def restore_latest_good(self, abstract_state: Any, current_config: dict | None = None,
-                          warn: Callable[[str], None] = print) -> tuple[int, Any, dict | None]:
+                          warn: Callable[[str], None] = print,
+                          set_aside: bool = False) -> tuple[int, Any, dict | None]:
     """(step, state, data state) of the newest checkpoint that reads back; unreadable (corrupt,
-    truncated) ones are reported with their path and skipped. The config check runs on the
-    newest readable config, so a checkpoint of another model is refused, not skipped."""
+    truncated) or uncommitted ones are reported with their path and skipped. The config check
+    runs on the newest readable config, so a checkpoint of another model is refused, not
+    skipped. set_aside (training): skipped step folders are moved to WORKDIR/corrupt_checkpoints
+    (kept, not deleted), so that the run writes those steps again."""
     for path in self.incomplete:
       warn(f"warning: ignoring incomplete checkpoint {path} (a save was interrupted)")
-    for step in reversed(self.steps()):
-      path = os.path.join(self.directory, str(step))
-      try:
-        saved_config = self.read_config(step)
-      except Exception as e:
-        warn(f"warning: checkpoint {path} is unreadable ({type(e).__name__}: {_short(e)}); "
-             "trying the previous one")
-        continue
-      if current_config is not None:
-        check_compatible(saved_config, current_config)
-      try:
-        state, data_state = self.restore(step, abstract_state)
-        return step, state, data_state
-      except Exception as e:
-        warn(f"warning: checkpoint {path} is corrupt ({type(e).__name__}: {_short(e)}); "
-             "trying the previous one")
-    raise CheckpointError(f"no readable checkpoint in {self.directory} (steps {self.steps()} "
-                          "all failed to restore, see the warnings above)")
+    uncommitted = {int(os.path.basename(p)) for p in self.incomplete
+                   if os.path.basename(p).isdigit()}
+    damaged = []
+    try:
+      for step in reversed(self.steps()):
+        path = os.path.join(self.directory, str(step))
+        if step in uncommitted:
+          damaged.append(step)
+          continue
+        try:
+          saved_config = self.read_config(step)
+        except Exception as e:
+          warn(f"warning: checkpoint {path} is unreadable ({type(e).__name__}: {_short(e)}); "
+               "trying the previous one")
+          damaged.append(step)
+          continue
+        if current_config is not None:
+          check_compatible(saved_config, current_config)
+        try:
+          state, data_state = self.restore(step, abstract_state)
+          return step, state, data_state
+        except Exception as e:
+          warn(f"warning: checkpoint {path} is corrupt ({type(e).__name__}: {_short(e)}); "
+               "trying the previous one")
+          damaged.append(step)
+      raise CheckpointError(f"no readable checkpoint in {self.directory} (steps {self.steps()} "
+                            "all failed to restore, see the warnings above)")
+    finally:
+      if set_aside and damaged:
+        self._set_aside(damaged, warn)
+
+  def _set_aside(self, steps: list[int], warn: Callable[[str], None]):
+    """Moves damaged step folders out of the manager's sight, to be written again."""
+    target = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
+    if jax.process_index() == 0:
+      os.makedirs(target, exist_ok=True)
+      for step in steps:
+        dest = os.path.join(target, str(step))
+        n = 1
+        while os.path.exists(dest):
+          dest, n = os.path.join(target, f"{step}.{n}"), n + 1
+        os.rename(os.path.join(self.directory, str(step)), dest)
+        warn(f"warning: moved the damaged checkpoint of step {step} to {dest}; this run "
+             "writes that step again")
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("polycom_jax: damaged checkpoints set aside")
+    self._manager.reload()
 
   def wait(self):
     try:

@@ -19,6 +19,7 @@ from polycom_jax import metrics as metrics_lib
 from polycom_jax import model as model_lib
 from polycom_jax import setup as setup_lib
 from polycom_jax import steps as steps_lib
+from polycom_jax.config_errors import ConfigError
 from polycom_jax.setup import Setup
 
 
@@ -50,8 +51,12 @@ def eval_batches(s: Setup, max_batches: int, batch_size: int) -> Iterator[dict]:
 
 def restore_params(config: ml_collections.ConfigDict, workdir: str, step: int | None = None,
                    devices=None) -> tuple[Setup, Any, int]:
-  """(setup, params, step) for a workdir's checkpoint, resharded onto this run's mesh."""
+  """(setup, params, step) for a workdir's checkpoint, resharded onto this run's mesh. Reads
+  only: a workdir without checkpoints is an error, not a folder created."""
   s = setup_lib.setup(config, devices)
+  if not os.path.isdir(ckpt_lib.checkpoint_dir(workdir)):
+    raise ConfigError(f"--workdir={workdir}: no checkpoint found "
+                      f"({ckpt_lib.checkpoint_dir(workdir)} does not exist); is the path right?")
   checkpointer = ckpt_lib.Checkpointer(workdir, async_save=False)
   current = setup_lib.config_as_dict(config)
   try:
@@ -104,11 +109,15 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     result["unigram_loss"] = unigram_loss(s, num_train_batches=50, eval_max_batches=e.max_batches)
   if jax.process_index() == 0:
     out_dir = os.path.join(workdir, "eval")
-    os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"metrics_step_{step}.json")
-    with open(path, "w") as f:
-      json.dump(result, f, indent=2)
-    result["path"] = path
+    try:
+      os.makedirs(out_dir, exist_ok=True)
+      with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+      result["path"] = path
+    except OSError as e:      # a read-only workdir: the numbers are still returned and printed
+      metrics_lib.log(f"warning: could not write {path} ({e.strerror or e}); the results are "
+                      "printed below only")
   return result
 
 

@@ -28,6 +28,7 @@ from polycom_jax import model as model_lib
 from polycom_jax import setup as setup_lib
 from polycom_jax.config_errors import ConfigError
 from polycom_jax.hf_files import CONFIG_FILE, read_hf_dir, write_hf_dir
+from polycom_jax.workdir_lock import WorkdirLock
 
 # This codebase's activation -> Hugging Face `hidden_act` (ACT2FN names where one exists).
 HF_ACT = {"swiglu": "silu", "geglu": "gelu", "silu": "silu", "relu": "relu", "gelu": "gelu",
@@ -237,6 +238,11 @@ def import_checkpoint(config, hf_dir: str, workdir: str, step: int = 0) -> str:
   values = hf_layout.from_hf_state_dict(tensors, s.model_config, where=f"--hf_dir={hf_dir}")
   check_hf_config(hf, s.model_config, where=os.path.join(hf_dir, CONFIG_FILE))
   setup_lib.check_workdir(workdir)
+  with WorkdirLock(workdir):
+    return _write_imported(s, config, values, workdir, step)
+
+
+def _write_imported(s: setup_lib.Setup, config, values, workdir: str, step: int) -> str:
   checkpointer = ckpt_lib.Checkpointer(workdir, async_save=False)
   try:
     with jax.set_mesh(s.mesh):

@@ -19,6 +19,7 @@ from polycom_jax import setup as setup_lib
 from polycom_jax import steps as steps_lib
 from polycom_jax.config_errors import RunError
 from polycom_jax.metrics import log
+from polycom_jax.workdir_lock import WorkdirLock
 
 
 class NonFiniteError(RunError):
@@ -132,7 +133,7 @@ def _resume_or_init(s: setup_lib.Setup, checkpointer, config_dict: dict, train_i
         f"({s.model_config.activation}, mesh {dict(s.mesh.shape)})")
     return 0, setup_lib.init_state(s)
   start, state, data_state = checkpointer.restore_latest_good(s.abstract_state, config_dict,
-                                                              warn=log)
+                                                              warn=log, set_aside=True)
   data_lib.check_resumable(checkpointer.read_config(start).get("data", {}), config_dict["data"],
                            start)
   if data_state is None:
@@ -152,10 +153,16 @@ def _save(checkpointer, step: int, state, train_iter, config_dict: dict, force: 
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (resuming from the workdir's latest checkpoint if any); returns the last metrics."""
+  """Trains (resuming from the workdir's latest checkpoint if any); returns the last metrics.
+  A second run on the same workdir is refused while this one holds it (WorkdirLock)."""
   s = setup_lib.setup(config)
   setup_lib.check_workdir(workdir)
   data_lib.check_data_config(config.data)
+  with WorkdirLock(workdir):
+    return _train(s, config, workdir)
+
+
+def _train(s: setup_lib.Setup, config: ml_collections.ConfigDict, workdir: str) -> dict:
   t = config.train
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints)
   config_dict = setup_lib.config_as_dict(config)

@@ -147,6 +147,7 @@ def _validate(c: ModelConfig):
   require(c.qk_norm in QK_NORMS, "config.model.qk_norm",
           f"must be one of {QK_NORMS}, got {c.qk_norm!r}")
   require(c.norm_eps > 0, "config.model.norm_eps", f"must be > 0, got {c.norm_eps}")
+  require(c.rope_theta > 1, "config.model.rope_theta", f"must be > 1, got {c.rope_theta}")
   require(c.num_experts >= 0, "config.model.num_experts", f"must be >= 0, got {c.num_experts}")
   if c.num_experts:
     require(0 < c.num_experts_per_tok <= c.num_experts, "config.model.num_experts_per_tok",

@@ -62,6 +62,9 @@ def validate_config(config: ml_collections.ConfigDict) -> model_lib.ModelConfig:
   require(t.learning_rate > 0, "config.train.learning_rate", f"must be > 0, got {t.learning_rate}")
   require(0 <= t.min_learning_rate <= t.learning_rate, "config.train.min_learning_rate",
           f"must be in [0, learning_rate={t.learning_rate}], got {t.min_learning_rate}")
+  for name in ("b1", "b2"):
+    require(0 <= t[name] < 1, f"config.train.{name}", f"must be in [0, 1), got {t[name]}")
+  require(t.adam_eps > 0, "config.train.adam_eps", f"must be > 0, got {t.adam_eps}")
   require(t.keep_checkpoints >= 1, "config.train.keep_checkpoints",
           f"must be >= 1, got {t.keep_checkpoints}")
   if t.micro_batch_size:

@@ -480,3 +480,30 @@ def test_polycom_experts_round_trip_with_their_coefficients(per_expert):
   coefficient = layer + ("experts.3.act_fn.weight" if per_expert else "act_fn.weight")
   assert tensors[coefficient].shape == (3,)
   jax.tree.map(np.testing.assert_array_equal, hf_layout.from_hf_state_dict(tensors, mc), params)
+
+
+def test_export_over_an_older_sharded_export_leaves_no_stale_index(tmp_path):
+  """A folder that held a sharded export (index + shards): writing one file removes them, so
+  a later import reads the new weights, not the old index's."""
+  out = tmp_path / "hf"
+  out.mkdir()
+  old = {"a": np.zeros((2, 2), np.float32)}
+  from safetensors.numpy import save_file
+  save_file(old, str(out / "model-00001-of-00002.safetensors"))
+  (out / "model.safetensors.index.json").write_text(
+      json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}}))
+  hf_files.write_hf_dir(str(out), {"a": np.ones((2, 2), np.float32)}, {"model_type": "llama"})
+  assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+  _, tensors = hf_files.read_hf_dir(str(out))
+  np.testing.assert_array_equal(tensors["a"], 1.0)
+
+
+def test_damaged_hf_files_are_named(tmp_path):
+  (tmp_path / "config.json").write_text("{broken")
+  with pytest.raises(ConfigError, match="config.json is not valid JSON"):
+    hf_files.read_hf_dir(str(tmp_path))
+  hf_files.write_hf_dir(str(tmp_path), {"a": np.ones((64, 64), np.float32)}, {})
+  weights = tmp_path / "model.safetensors"
+  weights.write_bytes(weights.read_bytes()[:1000])
+  with pytest.raises(ConfigError, match="model.safetensors cannot be read.*truncated"):
+    hf_files.read_hf_dir(str(tmp_path))

@@ -211,6 +211,8 @@ def test_flops_per_token_by_hand():
     ({"dtype": "float8"}, "config.model.dtype"),
     ({"remat": "some"}, "config.model.remat"),
     ({"activation_impl": "triton"}, "config.model.activation_impl"),
+    ({"rope_theta": 0.0}, "config.model.rope_theta"),           # trained NaN to "done" before
+    ({"qk_norm": "per_layer"}, "config.model.qk_norm"),
 ])
 def test_invalid_configs_name_the_field(overrides, field):
   with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

@@ -134,6 +134,12 @@ def test_interrupted_and_corrupt_checkpoints_fall_back_to_the_previous_good_one(
   assert f"checkpoints/{corrupt} is corrupt" in proc.stdout
   assert f"resumed from step {STEPS - 5}" in proc.stdout
   assert _losses(workdir) == losses
+  # The damaged step was kept aside and written again: a rerun has nothing left to do.
+  assert os.path.isdir(os.path.join(workdir, "corrupt_checkpoints", str(corrupt), "state"))
+  assert ckpt_lib.Checkpointer(workdir).latest_step() == corrupt
+  again = _run(_command(workdir, corpus_glob, data_dir))
+  assert again.returncode == 0, again.stderr
+  assert f"resumed from step {corrupt}" in again.stdout and "is corrupt" not in again.stdout
 
 
 def test_nonfinite_losses_stop_the_run_with_a_report(tmp_path, corpus_glob, data_dir):
@@ -170,3 +176,31 @@ def test_a_failing_save_stops_the_run_and_keeps_earlier_checkpoints(tiny, tmp_pa
   s = setup_lib.setup(tiny())
   step, _, _ = checkpointer.restore_latest_good(s.abstract_state)
   assert step == 3
+
+
+def test_a_second_run_on_a_workdir_is_refused_and_a_killed_holder_leaves_no_lock(
+    tmp_path, corpus_glob, data_dir):
+  """While train.py runs, a second train.py on its workdir exits 2 at once naming the first's
+  host and pid (it would otherwise resume from, and delete, the first's checkpoints); after a
+  kill -9 of the first, the lock is free."""
+  from polycom_jax.config_errors import ConfigError
+  from polycom_jax.workdir_lock import WorkdirLock
+  workdir = str(tmp_path / "run")
+  first = subprocess.Popen(
+      _command(workdir, corpus_glob, data_dir, "--config.train.num_steps=100000"), cwd=ROOT,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    _wait_for(lambda: _logged_step(workdir) >= 1, first)
+    start = time.time()
+    second = _run(_command(workdir, corpus_glob, data_dir))
+    assert second.returncode == 2, second.stderr
+    assert f"pid {first.pid}" in second.stderr
+    assert "in use by another training run" in second.stderr
+    assert time.time() - start < 60
+    with pytest.raises(ConfigError, match=f"pid {first.pid}"):
+      WorkdirLock(workdir).__enter__()
+  finally:
+    first.kill()
+    first.wait()
+  with WorkdirLock(workdir):                 # kill -9 released it: no error
+    pass

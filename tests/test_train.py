@@ -237,8 +237,28 @@ def test_eval_errors_name_the_problem(finished_run, tmp_path):
   config, workdir, _ = finished_run
   with pytest.raises(ConfigError, match="no checkpoint found"):
     evaluation.evaluate_checkpoint(config, str(tmp_path))
+  with pytest.raises(ConfigError, match="is the path right"):     # a mistyped workdir...
+    evaluation.evaluate_checkpoint(config, str(tmp_path / "typo"))
+  assert not os.path.exists(tmp_path / "typo")                       # ...is not created
   with pytest.raises(ConfigError, match=r"--step=4.*available steps: \[3, 6\]"):
     evaluation.evaluate_checkpoint(config, workdir, step=4)
+
+
+def test_eval_on_a_read_only_workdir_still_returns_the_numbers(finished_run, monkeypatch,
+                                                               capsys):
+  """Writing eval/metrics_step_N.json fails (tests run as root, so the failure is injected):
+  the evaluation's result is returned (and eval.py prints it), with a warning."""
+  config, workdir, result = finished_run
+  real_open = open
+
+  def read_only(path, mode="r", *args, **kwargs):
+    if "w" in mode and "/eval/" in str(path):
+      raise PermissionError(13, "Permission denied", str(path))
+    return real_open(path, mode, *args, **kwargs)
+  monkeypatch.setattr("builtins.open", read_only)
+  out = evaluation.evaluate_checkpoint(config, workdir, with_unigram=False)
+  assert "path" not in out and out["loss"] == pytest.approx(result["eval_loss"], rel=1e-6)
+  assert "could not write" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -246,6 +266,10 @@ def test_eval_errors_name_the_problem(finished_run, tmp_path):
     ("data.seq_len", 100, r"config\.data\.seq_len \(100\) is longer than config\.model\.max_seq_len"),
     ("train.micro_batch_size", 3, r"config\.train\.micro_batch_size \(3\) must divide"),
     ("train.nonfinite_policy", "ignore", r"config\.train\.nonfinite_policy"),
+    ("train.b1", 1.5, r"config\.train\.b1 must be in \[0, 1\), got 1.5"),
+    ("train.b2", 1.0, r"config\.train\.b2 must be in \[0, 1\)"),
+    ("train.adam_eps", 0.0, r"config\.train\.adam_eps must be > 0"),
+    ("train.weight_decay_rule", "adam", r"config\.train\.weight_decay_rule must be one of"),
     ("mesh.tensor", 2, r"config\.mesh: .*tensor=2.* does not divide the 1 devices found"),
 ])
 def test_bad_config_fails_before_compiling(tiny, field, value, message):
