@@ -196,12 +196,20 @@ def _train(s: setup_lib.Setup, config: ml_collections.ConfigDict, workdir: str) 
             or checkpoint_due):
           step_log(*pending, state["params"])
           pending = None
-        if checkpoint_due:
+        # No checkpoint inside a streak of skipped (non-finite) steps: a restart then resumes
+        # from before the streak and meets it again, so max_consecutive_nonfinite still stops
+        # an auto-requeued diverged run instead of letting it creep forward.
+        streak = step_log.consecutive_bad
+        if streak and (checkpoint_due or stop.signum is not None):
+          log(f"step {step}: not checkpointing inside a streak of {streak} non-finite steps")
+        elif checkpoint_due:
           _save(checkpointer, step, state, train_iter, config_dict)
         if stop.signum is not None:
-          _save(checkpointer, step, state, train_iter, config_dict, force=True)
+          if not streak:
+            _save(checkpointer, step, state, train_iter, config_dict, force=True)
           checkpointer.close()
-          log(f"received signal {stop.signum}: checkpoint at step {step} written; "
+          log(f"received signal {stop.signum}: checkpoint at step "
+              f"{step if not streak else checkpointer.latest_step()} written; "
               f"run the same command to resume")
           return {"step": step, "preempted": True, **step_log.last}
       _save(checkpointer, step, state, train_iter, config_dict, force=True)

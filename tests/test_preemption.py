@@ -154,6 +154,20 @@ def test_nonfinite_losses_stop_the_run_with_a_report(tmp_path, corpus_glob, data
   assert "update skipped" in proc.stdout
 
 
+def test_no_checkpoint_inside_a_nonfinite_streak_so_a_rerun_stops_at_the_same_step(
+    tmp_path, corpus_glob, data_dir):
+  """The streak (steps 2..) spans the step-5 checkpoint: it is not written, so a rerun (an
+  auto-requeue) resumes from before the streak and halts at the same step, not 8 steps later."""
+  cmd = _command(str(tmp_path), corpus_glob, data_dir, "--config.train.learning_rate=1e12",
+                 "--config.train.warmup_steps=0", "--config.train.min_learning_rate=0",
+                 "--config.train.max_consecutive_nonfinite=8")
+  for _ in range(2):
+    proc = _run(cmd)
+    assert proc.returncode == 1 and "non-finite loss/gradient at step 9 " in proc.stderr
+    assert "not checkpointing inside a streak" in proc.stdout
+    assert ckpt_lib.Checkpointer(str(tmp_path)).steps() == []
+
+
 def test_a_failing_save_stops_the_run_and_keeps_earlier_checkpoints(tiny, tmp_path,
                                                                      monkeypatch):
   """Disk full during a save: a CheckpointError naming the directory; committed steps intact."""
