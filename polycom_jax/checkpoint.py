@@ -91,6 +91,7 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "data", "config"))
     self._closed = False
+    self._pending_step = -1                 # the step of the last save started
 
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -102,9 +103,12 @@ class Checkpointer:
            force: bool = False) -> bool:
     """Starts an (async) save; returns whether a save was started at this step.
 
-    A failure (disk full, permissions), here or surfacing from the previous async save, is a
-    CheckpointError; the earlier, committed checkpoints are left as they are.
+    A failure (disk full, permissions) is a CheckpointError under the step whose save failed:
+    the previous async save is waited for first, so its failure is not reported under this
+    step; the earlier, committed checkpoints are left as they are.
     """
+    self.wait()
+    self._pending_step = step
     try:
       return self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state),
@@ -114,10 +118,13 @@ class Checkpointer:
       raise self._save_error(step, e) from e
 
   def _save_error(self, step: int, e: Exception) -> CheckpointError:
+    committed = [s for s in self.steps() if s != step]
     return CheckpointError(
         f"saving the checkpoint of step {step} in {self.directory} failed: "
         f"{type(e).__name__}: {e}. Is the disk full or the directory not writable? "
-        f"Committed checkpoints are untouched: steps {self.steps()}.")
+        f"Committed checkpoints are untouched: steps {committed}. Free space (or fix the "
+        "permissions) and run the same command: it resumes from step "
+        f"{committed[-1] if committed else 0}.")
 
   def read_config(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(
@@ -194,10 +201,11 @@ class Checkpointer:
     self._manager.reload()
 
   def wait(self):
+    """Waits for the async save in flight; its failure names its own step."""
     try:
       self._manager.wait_until_finished()
     except Exception as e:
-      raise self._save_error(self.latest_step() or -1, e) from e
+      raise self._save_error(self._pending_step, e) from e
 
   def close(self):
     """Waits for the last async save and releases the manager; a second call does nothing."""

@@ -218,7 +218,12 @@ def _train(s: setup_lib.Setup, config: ml_collections.ConfigDict, workdir: str) 
         f"metrics in {os.path.join(workdir, 'metrics.jsonl')}")
     return {"step": step, **step_log.last}
   finally:
-    checkpointer.close()
-    if step_log is not None:
-      step_log.close()
-    train_iter.close()     # stops grain's worker processes and frees their shared memory
+    # Each is closed even when another fails, and a failure here never hides the error that
+    # ended the run (a full disk also fails TensorBoard's last flush).
+    for close in (checkpointer.close, step_log and step_log.close,
+                  train_iter.close):     # stops grain's worker processes, frees shared memory
+      try:
+        if close:
+          close()
+      except Exception as e:  # noqa: BLE001 - reported, not raised
+        log(f"warning: while stopping: {type(e).__name__}: {str(e).splitlines()[0][:300]}")

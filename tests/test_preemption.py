@@ -192,6 +192,32 @@ def test_a_failing_save_stops_the_run_and_keeps_earlier_checkpoints(tiny, tmp_pa
   assert step == 3
 
 
+def test_a_failed_async_save_is_reported_under_its_own_step(tiny, tmp_path, monkeypatch):
+  """The write of step 6 fails in the background (as a full disk does): the error, surfacing
+  when step 9 is saved, names step 6, and says how to resume."""
+  failed = []
+  original_save = ckpt_lib.ocp.CheckpointManager.save
+  original_wait = ckpt_lib.ocp.CheckpointManager.wait_until_finished
+
+  def save(self, step, *args, **kwargs):
+    if step == 6:
+      failed.append(step)             # "started", fails in the background
+      return True
+    return original_save(self, step, *args, **kwargs)
+
+  def wait(self):
+    if failed:
+      failed.clear()
+      raise OSError(28, "No space left on device")
+    return original_wait(self)
+
+  monkeypatch.setattr(ckpt_lib.ocp.CheckpointManager, "save", save)
+  monkeypatch.setattr(ckpt_lib.ocp.CheckpointManager, "wait_until_finished", wait)
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"step 6 in .* failed.*No space left.*"
+                     r"steps \[3\]\. Free space .* resumes from step 3"):
+    loop.train(tiny(num_steps=9, checkpoint_every=3), str(tmp_path))
+
+
 def test_a_second_run_on_a_workdir_is_refused_and_a_killed_holder_leaves_no_lock(
     tmp_path, corpus_glob, data_dir):
   """While train.py runs, a second train.py on its workdir exits 2 at once naming the first's
