@@ -55,8 +55,8 @@ def _check():
 
 def main(argv):
   del argv
-  cli.run(_check)
+  cli.run(_check, config=_CONFIG)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

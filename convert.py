@@ -52,7 +52,7 @@ def _import(config) -> str:
 
 def main(argv):
   del argv
-  cli.run(_convert)
+  cli.run(_convert, config=_CONFIG)
 
 
 def _convert():
@@ -64,4 +64,4 @@ def _convert():
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -36,7 +36,7 @@ distributed.define_flags()
 
 def main(argv):
   del argv
-  cli.run(_evaluate)
+  cli.run(_evaluate, config=_CONFIG)
 
 
 def _evaluate():
@@ -57,4 +57,4 @@ def _evaluate():
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -40,8 +40,8 @@ def _prepare():
 
 def main(argv):
   del argv
-  cli.run(_prepare)
+  cli.run(_prepare, config=_CONFIG)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

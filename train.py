@@ -19,8 +19,8 @@ distributed.define_flags()
 
 def main(argv):
   del argv
-  cli.run(lambda: loop.train(_CONFIG.value, _WORKDIR.value))
+  cli.run(lambda: loop.train(_CONFIG.value, _WORKDIR.value), config=_CONFIG)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -303,3 +304,25 @@ def test_train_cli_reports_config_errors_cleanly(tmp_path):
       timeout=120)
   assert proc.returncode == 2
   assert "unknown activation 'polynom'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config=configs/nonexist.py"], r"^error: --config=configs/nonexist.py: OSError: .*No "
+                                       r"such file"),
+    (["--config={bad}"], r"^error: SyntaxError: invalid syntax \(bad_config.py, line 1\)"),
+    (["--config.train.num_stepz=3"], r"^error: 'num_stepz' Did you mean \"num_steps\""),
+    (["--bogus_flag"], r"^error: Unknown command line flag 'bogus_flag'"),
+], ids=["missing_config_file", "config_syntax_error", "typo_in_override", "unknown_flag"])
+def test_entry_points_report_bad_command_lines_in_one_line(tmp_path, args, message):
+  """absl parses the command line before any handler runs: these were 45-line tracebacks."""
+  bad = tmp_path / "bad_config.py"
+  bad.write_text("def get_config(:\n")
+  args = [a.format(bad=bad) for a in args]
+  if not any(a.startswith("--config=") for a in args):
+    args.insert(0, "--config=configs/default.py")
+  proc = subprocess.run([sys.executable, "train.py", f"--workdir={tmp_path / 'w'}", *args],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  errors = [line for line in proc.stderr.splitlines() if not line.startswith(("W1", "I1"))]
+  assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+  assert re.match(message, errors[0]), errors[0]
+  assert not os.path.exists(tmp_path / "w")
