@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+import sys
 
 import jax
 from absl import flags, logging
@@ -46,6 +47,10 @@ def initialize():
   num = _setting(_NUM_PROCESSES, "JAX_NUM_PROCESSES")
   pid = _setting(_PROCESS_ID, "JAX_PROCESS_ID")
   if coordinator or num:
+    # The coordinator waits for every process (minutes before it gives up): say so.
+    print(f"process {pid if pid is not None else '?'}: joining {num or '?'} processes at "
+          f"{coordinator or 'the detected coordinator'} (waits until all have started)",
+          file=sys.stderr, flush=True)
     jax.distributed.initialize(coordinator_address=coordinator,
                                num_processes=None if num is None else int(num),
                                process_id=None if pid is None else int(pid))

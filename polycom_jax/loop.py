@@ -9,6 +9,8 @@ from typing import Callable
 
 import jax
 import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
 
 from polycom_jax import checkpoint as ckpt_lib
 from polycom_jax import data as data_lib
@@ -50,6 +52,16 @@ class StopRequest:
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+
+
+def stop_agreed(local_stop: bool) -> bool:
+  """Whether any process was asked to stop, the same answer on every process: preemption
+  notices reach a pod's hosts at different moments, and the checkpoint that follows is a
+  collective every process must enter at the same step (else the run hangs and loses it)."""
+  if jax.process_count() == 1:
+    return local_stop
+  flags = multihost_utils.process_allgather(np.asarray(local_stop, np.int32))
+  return bool(np.max(flags))
 
 
 class StepLog:
@@ -192,23 +204,24 @@ def _train(s: setup_lib.Setup, config: ml_collections.ConfigDict, workdir: str) 
           step_log(*pending, state["params"])
         pending = (step, step_metrics)
         checkpoint_due = bool(t.checkpoint_every) and step % t.checkpoint_every == 0
-        if (step_log.eval_due(step) or step == t.num_steps or stop.signum is not None
-            or checkpoint_due):
+        stopping = stop_agreed(stop.signum is not None)      # the same step on every process
+        if step_log.eval_due(step) or step == t.num_steps or stopping or checkpoint_due:
           step_log(*pending, state["params"])
           pending = None
         # No checkpoint inside a streak of skipped (non-finite) steps: a restart then resumes
         # from before the streak and meets it again, so max_consecutive_nonfinite still stops
         # an auto-requeued diverged run instead of letting it creep forward.
         streak = step_log.consecutive_bad
-        if streak and (checkpoint_due or stop.signum is not None):
+        if streak and (checkpoint_due or stopping):
           log(f"step {step}: not checkpointing inside a streak of {streak} non-finite steps")
         elif checkpoint_due:
           _save(checkpointer, step, state, train_iter, config_dict)
-        if stop.signum is not None:
+        if stopping:
           if not streak:
             _save(checkpointer, step, state, train_iter, config_dict, force=True)
           checkpointer.close()
-          log(f"received signal {stop.signum}: checkpoint at step "
+          why = f"signal {stop.signum}" if stop.signum is not None else "a stop on another process"
+          log(f"received {why}: checkpoint at step "
               f"{step if not streak else checkpointer.latest_step()} written; "
               f"run the same command to resume")
           return {"step": step, "preempted": True, **step_log.last}

@@ -244,3 +244,50 @@ def test_a_second_run_on_a_workdir_is_refused_and_a_killed_holder_leaves_no_lock
     first.wait()
   with WorkdirLock(workdir):                 # kill -9 released it: no error
     pass
+
+
+def _pair(workdir, corpus_glob, data_dir, port):
+  """train.py as two processes on localhost (one CPU device each, data parallel over both)."""
+  procs = []
+  for i in range(2):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
+               JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    cmd = _command(workdir, corpus_glob, data_dir, "--config.train.num_steps=12",
+                   "--config.train.checkpoint_every=0")
+    procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True))
+  return procs
+
+
+def _finish(procs, timeout=240):
+  outs = [p.communicate(timeout=timeout) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  return outs
+
+
+def _port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_sigterm_to_one_process_of_two_stops_both_at_the_same_step(tmp_path, corpus_glob,
+                                                                      data_dir):
+  """On a pod the hosts get the preemption notice at different moments: SIGTERM to process 1
+  only. Both agree on the step, write that checkpoint together and exit 0; resuming on two
+  processes gives the uninterrupted run's losses exactly."""
+  whole = str(tmp_path / "whole")
+  _finish(_pair(whole, corpus_glob, data_dir, _port()))
+  workdir = str(tmp_path / "stopped")
+  procs = _pair(workdir, corpus_glob, data_dir, _port())
+  _wait_for(lambda: _logged_step(workdir) >= 3, procs[0])
+  procs[1].send_signal(signal.SIGTERM)
+  (out0, _), _ = _finish(procs)
+  steps = ckpt_lib.Checkpointer(workdir).steps()
+  assert len(steps) == 1 and 3 <= steps[0] < 12, steps
+  assert f"a stop on another process: checkpoint at step {steps[0]} written" in out0
+  _finish(_pair(workdir, corpus_glob, data_dir, _port()))
+  assert _losses(workdir) == _losses(whole)
