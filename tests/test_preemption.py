@@ -155,16 +155,15 @@ def test_nonfinite_losses_stop_the_run_with_a_report(tmp_path, corpus_glob, data
 
 
 def test_no_checkpoint_inside_a_nonfinite_streak_so_a_rerun_stops_at_the_same_step(
-    tmp_path, corpus_glob, data_dir):
+    tiny, tmp_path, capsys):
   """The streak (steps 2..) spans the step-5 checkpoint: it is not written, so a rerun (an
   auto-requeue) resumes from before the streak and halts at the same step, not 8 steps later."""
-  cmd = _command(str(tmp_path), corpus_glob, data_dir, "--config.train.learning_rate=1e12",
-                 "--config.train.warmup_steps=0", "--config.train.min_learning_rate=0",
-                 "--config.train.max_consecutive_nonfinite=8")
+  config = tiny(num_steps=40, checkpoint_every=5, learning_rate=1e12, warmup_steps=0,
+                min_learning_rate=0, max_consecutive_nonfinite=8)
   for _ in range(2):
-    proc = _run(cmd)
-    assert proc.returncode == 1 and "non-finite loss/gradient at step 9 " in proc.stderr
-    assert "not checkpointing inside a streak" in proc.stdout
+    with pytest.raises(loop.NonFiniteError, match="non-finite loss/gradient at step 9 "):
+      loop.train(config, str(tmp_path))
+    assert "not checkpointing inside a streak" in capsys.readouterr().out
     assert ckpt_lib.Checkpointer(str(tmp_path)).steps() == []
 
 

@@ -157,13 +157,6 @@ def setup_and_batch(corpus_glob, data_dir):
   return s, next(it)
 
 
-def test_gradient_accumulation_equals_the_full_batch(setup_and_batch, tiny):
-  s, batch = setup_and_batch
-  s_accum = setup_lib.setup(tiny(micro_batch_size=2))
-  with jax.set_mesh(s.mesh):
-    _check_accumulation_equals_the_full_batch(s, s_accum, setup_lib.init_state(s), batch)
-
-
 def _check_accumulation_equals_the_full_batch(s, s_accum, state, batch):
   """One step of the unsplit batch and one accumulated over micro-batches: same loss, gradient
   norm and parameters."""
@@ -177,8 +170,8 @@ def _check_accumulation_equals_the_full_batch(s, s_accum, state, batch):
 
 
 def test_gradient_accumulation_weights_micro_batches_by_their_tokens(setup_and_batch, tiny):
-  """Micro-batches with very different loss_mask sums: the accumulated step equals the unsplit
-  batch (each micro-batch's nll sum over the global token count). A mean of per-micro-batch
+  """Gradient accumulation equals the unsplit batch, on micro-batches with very different
+  loss_mask sums (each micro-batch's nll sum over the global token count). A mean of per-micro-batch
   means would give the 3-token micro-batch the weight of a full one, checked to differ here."""
   s, batch = setup_and_batch
   mask = np.array(batch["loss_mask"])
