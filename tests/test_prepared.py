@@ -272,3 +272,11 @@ def test_resume_with_changed_data_settings_names_the_field():
   on_the_fly = dict(saved, prepared=False)
   with pytest.raises(ConfigError, match="config.data.num_workers"):
     data.check_resumable(on_the_fly, dict(on_the_fly, num_workers=2), step=30)
+
+
+def test_an_unwritable_prepared_dir_is_a_config_error(tmp_path, corpus):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("x")
+  c = _config(tmp_path, text_glob=corpus, prepared_dir=str(blocker / "prepared"))
+  with pytest.raises(ConfigError, match="config.data.prepared_dir: cannot write the prepared"):
+    prepared.prepare(c, TOK, "train")

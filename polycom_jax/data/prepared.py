@@ -221,8 +221,14 @@ def prepare(data_config, tokenizer, split: str, workers: int = 0) -> str:
   manifest_path = os.path.join(out, MANIFEST)
   if os.path.exists(manifest_path):
     return out
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out + ".lock", "w") as lock:
+  try:
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    lock = open(out + ".lock", "w")
+  except OSError as e:
+    field = "prepared_dir" if data_config.get("prepared_dir", "") else "data_dir"
+    raise ConfigError(f"config.data.{field}: cannot write the prepared rows under "
+                      f"{os.path.dirname(out)} ({e.strerror or e})") from None
+  with lock:
     fcntl.flock(lock, fcntl.LOCK_EX)       # another process preparing the same: wait for it
     if os.path.exists(manifest_path):
       return out
