@@ -220,10 +220,12 @@ def _train(s: setup_lib.Setup, config: ml_collections.ConfigDict, workdir: str) 
           if not streak:
             _save(checkpointer, step, state, train_iter, config_dict, force=True)
           checkpointer.close()
-          why = f"signal {stop.signum}" if stop.signum is not None else "a stop on another process"
-          log(f"received {why}: checkpoint at step "
-              f"{step if not streak else checkpointer.latest_step()} written; "
-              f"run the same command to resume")
+          why = (f"signal {stop.signum}" if stop.signum is not None else
+                 "a stop on another process")
+          saved = (f"checkpoint at step {step} written" if not streak else
+                   "no checkpoint inside the streak, the last is step "
+                   f"{checkpointer.latest_step()}")
+          log(f"received {why}: {saved}; run the same command to resume")
           return {"step": step, "preempted": True, **step_log.last}
       _save(checkpointer, step, state, train_iter, config_dict, force=True)
     checkpointer.close()

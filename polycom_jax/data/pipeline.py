@@ -23,6 +23,7 @@ batch_size is per process: each process reads only its `[process_index::process_
 share of the documents. Iterator states are small JSON-serialisable dicts that restore exactly.
 """
 
+import functools
 import math
 import sys
 
@@ -126,7 +127,12 @@ def _prefetch(ds: grain.IterDataset, data_config) -> grain.DatasetIterator:
   return iter(ds)
 
 
-_WARNED = set()
+@functools.cache
+def _note_on_the_fly(window: int):
+  """Said once per process: prepared data is the way for real runs."""
+  print(f"note: packing the data on the fly, rows shuffled in a window of {window}: fine for "
+        "quick experiments; for real runs prepare the data once (config.data.prepared=True, "
+        "prepare_data.py)", file=sys.stderr)
 
 
 def make_train_iterator(data_config, tokenizer: Tokenizer, *, batch_size: int, seed: int,
@@ -136,12 +142,8 @@ def make_train_iterator(data_config, tokenizer: Tokenizer, *, batch_size: int, s
   if data_config.get("prepared", False):
     return _prepared_train(data_config, tokenizer, batch_size=batch_size, seed=seed,
                            process_index=process_index, process_count=process_count)
-  if "on the fly" not in _WARNED and process_index == 0:
-    _WARNED.add("on the fly")
-    print(f"note: packing the data on the fly, rows shuffled in a window of "
-          f"{data_config.get('shuffle_buffer_rows', 0)}: fine for quick experiments; for real "
-          "runs prepare the data once (config.data.prepared=True, prepare_data.py)",
-          file=sys.stderr)
+  if process_index == 0:
+    _note_on_the_fly(data_config.get("shuffle_buffer_rows", 0))
   ds = _process_shard(data_config, data_config.train_split, process_index, process_count)
   if not len(ds):
     raise ConfigError(f"config.data.train_split={data_config.train_split!r} of "
@@ -191,8 +193,7 @@ def _prepared_eval(data_config, tokenizer: Tokenizer, *, batch_size: int, max_ba
   rows = prepared.open_rows(data_config, tokenizer, "eval")
   sample = eval_sample(len(rows), batch_size * process_count, max_batches)
   mine = sample.reshape(-1, process_count, batch_size)[:, process_index].reshape(-1)
-  empty = {**packing.empty_row(data_config.seq_len, tokenizer.pad_id),
-           "loss_mask": np.zeros([data_config.seq_len], np.float32)}
+  empty = _add_loss_mask(packing.empty_row(data_config.seq_len, tokenizer.pad_id))
   ds = grain.MapDataset.source(mine.tolist()).map(lambda i: rows[i] if i >= 0 else empty)
   return _prefetch(ds.batch(batch_size).to_iter_dataset(_READ_OPTIONS), data_config)
 

@@ -67,15 +67,11 @@ def _file_texts(paths: list[str], text_field: str) -> Iterator[str]:
 
 def source_spec(data_config, split: str) -> dict:
   """What identifies the documents of a split: a glob of files, or a TFDS dataset and split."""
-  field = {"train": "train_files", "eval": "eval_files"}[split]
-  pattern = data_config.get(field, "")
   if data_config.get("train_files", ""):
-    if not pattern:
-      raise ConfigError(f"config.data.train_files is set, so config.data.{field} must name the "
-                        "validation files too")
-    paths = sources.file_paths(pattern, field)
+    field = {"train": "train_files", "eval": "eval_files"}[split]
+    paths = sources.split_files(data_config, field)
     stats = [(p, os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths]
-    return {"kind": "files", "glob": os.path.abspath(os.path.expanduser(pattern)),
+    return {"kind": "files", "glob": os.path.abspath(os.path.expanduser(data_config[field])),
             "field": data_config.text_feature, "files": stats}
   tfds_split = data_config.train_split if split == "train" else data_config.eval_split
   spec = {"kind": "tfds", "name": data_config.tfds_name, "split": tfds_split,
@@ -87,14 +83,18 @@ def source_spec(data_config, split: str) -> dict:
   return spec
 
 
-def _texts(data_config, spec: dict) -> Iterator[str]:
+def _texts(data_config, spec: dict) -> tuple[int | None, Iterator[str]]:
+  """(the number of documents, when the source knows it up front; the documents' texts)."""
   if spec["kind"] == "files":
-    yield from _file_texts([p for p, _, _ in spec["files"]], spec["field"])
-    return
+    return None, _file_texts([p for p, _, _ in spec["files"]], spec["field"])
   source = sources.get_data_source(data_config, spec["split"])
-  for i in range(len(source)):
-    text = source[i][spec["feature"]]
-    yield text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text
+  feature = spec["feature"]
+
+  def texts():
+    for i in range(len(source)):
+      text = source[i][feature]
+      yield text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text
+  return len(source), texts()
 
 
 # ---- tokenization (worker processes) ------------------------------------------------------------
@@ -167,17 +167,14 @@ def _write(out: str, data_config, tokenizer, spec: dict, workers: int) -> dict:
   seq_len, eos = data_config.seq_len, tokenizer.eos_id
   dtype = np.uint16 if tokenizer.vocab_size <= 2 ** 16 else np.int32
   fields = {k: data_config[k] for k in ("tokenizer", "tokenizer_path")}
-  total_docs = None
-  if spec["kind"] == "tfds":
-    total_docs = len(sources.get_data_source(data_config, spec["split"]))
-  texts = _texts(data_config, spec)
+  total_docs, texts = _texts(data_config, spec)
   if workers > 1:
     pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (fields,))
-    encoded = (ids for chunk in pool.imap(_encode, _chunks(texts, 64)) for ids in chunk)
   else:
     pool = None
     _init_worker(fields)
-    encoded = (ids for chunk in map(_encode, _chunks(texts, 64)) for ids in chunk)
+  encode = pool.imap if pool is not None else map
+  encoded = (ids for chunk in encode(_encode, _chunks(texts, 64)) for ids in chunk)
   shards, writer, rows, tokens, docs, skipped = [], None, 0, 0, 0, 0
   pending = np.zeros([0], dtype)        # the stream not yet written (< seq_len + 1 tokens)
   start, last_print = time.time(), 0.0
@@ -234,7 +231,6 @@ def prepare(data_config, tokenizer, split: str, workers: int = 0) -> str:
       return out
     workers = workers or min(os.cpu_count() or 1, 8)
     tmp = f"{out}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     for stale in glob.glob(f"{out}.tmp-*"):  # left by a killed preparation
       shutil.rmtree(stale, ignore_errors=True)
     os.makedirs(tmp)

@@ -14,6 +14,16 @@ DEFAULT_DATA_DIR = "./data_cache"
 FILE_KINDS = (".jsonl", ".parquet")
 
 
+def split_files(data_config, field: str) -> list[str]:
+  """The files of config.data.train_files or eval_files (eval_files must be given with
+  train_files)."""
+  pattern = data_config.get(field, "")
+  if not pattern:
+    raise ConfigError(f"config.data.train_files is set, so config.data.{field} must name the "
+                      "validation files too")
+  return file_paths(pattern, field)
+
+
 def file_paths(pattern: str, field: str) -> list[str]:
   """The JSONL / Parquet files of config.data.{field}, sorted; a ConfigError names the field."""
   paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
@@ -65,11 +75,8 @@ def check_data_config(data_config) -> None:
     if not data_config.get("prepared", False):
       raise ConfigError("config.data.train_files (JSONL / Parquet) are read through prepared "
                         "rows: set config.data.prepared=True")
-    if not data_config.get("eval_files", ""):
-      raise ConfigError("config.data.train_files is set, so config.data.eval_files must name "
-                        "the validation files too")
-    file_paths(data_config.train_files, "train_files")
-    file_paths(data_config.eval_files, "eval_files")
+    split_files(data_config, "train_files")
+    split_files(data_config, "eval_files")
     _make_data_dir(data_config)
     return
   if data_config.tfds_name == builtin_corpus.NAME:
@@ -169,7 +176,7 @@ def check_resumable(saved: dict, current: dict, step: int) -> None:
     if name in ("num_workers", "shuffle_buffer_rows") and current.get("prepared"):
       continue
     a, b = saved.get(name), current.get(name)
-    if a is None and name not in saved:    # a checkpoint from before the field existed
+    if name not in saved:                  # a checkpoint from before the field existed
       continue
     if a != b:
       raise ConfigError(
