@@ -7,6 +7,7 @@ resumed from, the same loss as a run that was never interrupted.
 import glob
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -91,22 +92,96 @@ def test_sigterm_checkpoints_exits_zero_and_resume_is_exact(uninterrupted, tmp_p
   assert _losses(workdir) == uninterrupted[1]
 
 
-def test_sigkill_after_a_checkpoint_resumes_exactly(uninterrupted, tmp_path, corpus_glob,
-                                                    data_dir):
-  """Killed at an arbitrary moment after step 10's checkpoint is committed: the restart
-  continues from the newest complete checkpoint and reproduces every later loss."""
+KILLS = 6
+
+
+def _kill_moment(rng, workdir, proc, kind: str, launched: float) -> None:
+  """Returns at a random moment of the given kind: during start-up (before or while restoring),
+  inside the training steps, or while an async checkpoint write is under way; always before
+  step STEPS - 5, so that the last, uninterrupted start has steps left to train."""
+  last = STEPS - 5
+  if kind == "start-up":
+    deadline = time.time() + rng.uniform(0, 10)
+    while time.time() < deadline and proc.poll() is None:
+      time.sleep(0.02)
+  elif kind == "steps":
+    target = min(last, _logged_step(workdir) + rng.randint(1, 6))
+    _wait_for(lambda: _logged_step(workdir) >= target, proc)
+    time.sleep(rng.uniform(0, 0.3))
+  else:                                     # a checkpoint write, in this start
+    def writing():
+      for path in glob.glob(os.path.join(workdir, "checkpoints", "*.orbax-checkpoint-tmp*")):
+        try:
+          if os.path.getmtime(path) > launched:
+            return True
+        except OSError:                     # committed (renamed) meanwhile
+          pass
+      return _logged_step(workdir) >= last
+    _wait_for(writing, proc)
+    time.sleep(rng.uniform(0, 0.05))
+
+
+def test_kill_9_at_random_moments_never_changes_a_loss(uninterrupted, tmp_path, corpus_glob,
+                                                       data_dir):
+  """train.py killed -9 KILLS times at moments drawn with a fixed seed (in start-up, between
+  and inside steps, during checkpoint writes), each time restarted with the same command:
+  the run finishes with exactly the uninterrupted run's loss at every step."""
+  rng = random.Random(18)
   workdir = str(tmp_path)
   cmd = _command(workdir, corpus_glob, data_dir)
-  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
-  committed = os.path.join(workdir, "checkpoints", "10", "commit_success.txt")
-  _wait_for(lambda: os.path.exists(committed), proc)
-  proc.kill()
-  proc.wait()
+  kinds = ["steps", "checkpoint write", "start-up"] * (KILLS // 3)
+  for kind in kinds:
+    launched = time.time()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    _kill_moment(rng, workdir, proc, kind, launched)
+    proc.kill()
+    proc.wait()
   assert _logged_step(workdir) < STEPS
   proc = _run(cmd)
   assert proc.returncode == 0, proc.stderr
   assert _losses(workdir) == uninterrupted[1]
+
+
+def _children(pid: int) -> list[int]:
+  children = []
+  for stat in glob.glob("/proc/[0-9]*/stat"):
+    try:
+      with open(stat) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+      continue
+    if int(fields[1]) == pid:
+      children.append(int(stat.split("/")[2]))
+  return children
+
+
+def _running(pid: int) -> bool:
+  """Alive and not a zombie (an orphan's zombie stays until its new parent reaps it)."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return False
+
+
+def test_kill_9_with_data_workers_leaves_no_worker_behind(tmp_path, corpus_glob, data_dir):
+  """On the fly with data.num_workers=2: the grain worker processes end within seconds of a
+  kill -9 of train.py (they used to live on for minutes, ~250 MB each)."""
+  workdir = str(tmp_path)
+  proc = subprocess.Popen(
+      _command(workdir, corpus_glob, data_dir, "--config.data.prepared=False",
+               "--config.data.num_workers=2", "--config.train.num_steps=100000"),
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  _wait_for(lambda: _logged_step(workdir) >= 2, proc)
+  children = _children(proc.pid)
+  assert len(children) >= 2, children      # the two workers (and a resource tracker)
+  proc.kill()
+  proc.wait()
+  deadline = time.time() + 20
+  while time.time() < deadline and any(map(_running, children)):
+    time.sleep(0.1)
+  assert not any(map(_running, children)), [p for p in children if _running(p)]
 
 
 def _corrupt_latest(workdir) -> int:
