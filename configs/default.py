@@ -39,9 +39,10 @@ def get_config() -> ml_collections.ConfigDict:
   m.init_truncation = 0.0       # > 0: normal init truncated at +-this many std (OLMo: 3)
   m.dtype = "auto"              # compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU)
   m.param_dtype = "float32"
-  m.attention_impl = "auto"     # auto | xla | cudnn (passed to jax.nn.dot_product_attention)
+  m.attention_impl = "auto"     # auto (TPU splash, GPU cudnn, CPU xla), xla, cudnn, splash
   m.document_mask = True        # packed sequences: attend only within the same document
-  m.remat = "none"              # none | full | save_matmuls (gradient checkpointing per block)
+  m.remat = "none"              # none, full, save_matmuls, selective, save_names (remat.py)
+  m.remat_save_names = ""       # remat="save_names": which to keep, e.g. "q,k,v,attn_out"
   m.scan_layers = False         # stack layers and scan over them (faster compiles at depth)
   # Mixture of experts (0 experts = dense).
   m.num_experts = 0
@@ -94,6 +95,8 @@ def get_config() -> ml_collections.ConfigDict:
                                 # (never the PolyCom coefficients); optimizer.decay_mask
   t.grad_clip = 1.0
   t.z_loss = 0.0
+  t.loss_chunk = 512            # head + softmax over this many positions at a time (0: all):
+                                # the float32 [batch, seq, vocab] logits are never held whole
   t.log_every = 20
   t.eval_every = 200
   t.eval_batches = 16

@@ -18,8 +18,9 @@ gradient-accumulation loop (config.train.micro_batch_size): the train step's cos
 by the number of micro-batches.
 
 For the target backend, "auto" settings resolve as on a TPU: config.model.activation_impl
-"auto" -> "pallas" (so the fused kernels go through the Mosaic compile) and dtype "auto" ->
-"bfloat16". config.data.tokenizer falls back to the byte tokenizer when no tokenizer_path is
+"auto" -> "pallas" (so the fused kernels go through the Mosaic compile), attention_impl "auto" ->
+"splash" and dtype "auto" -> "bfloat16". XLA's cost analysis does not see inside a Pallas call:
+with splash, the attention FLOPs are missing from "XLA FLOPs" (the model formula counts them). config.data.tokenizer falls back to the byte tokenizer when no tokenizer_path is
 given (only the vocabulary size check and the eval step's byte table use it).
 """
 
@@ -85,6 +86,8 @@ def prepare_config(config):
       config.model.activation_impl = "pallas"
     if config.model.get("dtype", "auto") == "auto":
       config.model.dtype = "bfloat16"
+    if config.model.get("attention_impl", "auto") == "auto":
+      config.model.attention_impl = "splash"
     if config.data.tokenizer != "byte" and not config.data.tokenizer_path:
       config.data.tokenizer = "byte"
   return config
@@ -296,6 +299,7 @@ def run(config, topology: str, skip_eval: bool = False, max_batch: bool = False,
             "mesh": dict(s.mesh.shape), "hbm_bytes": hbm, "param_bytes": params_b,
             "opt_state_bytes": opt_b, "num_params": model_lib.num_params(mc),
             "num_layers": mc.num_layers, "scan_layers": mc.scan_layers,
+            "attention_impl": mc.attention_impl, "remat": mc.remat,
             "activation": mc.activation, "global_batch_size": t.global_batch_size,
             "seq_len": seq, "model_flops_per_chip": model_flops,
             "steps": {r.name: dataclasses.asdict(r) | {"total": r.total} for r in reports}}
@@ -307,7 +311,8 @@ def run(config, topology: str, skip_eval: bool = False, max_batch: bool = False,
   w(f"## compile check: {topology} ({n} x {kind}, HBM {g(hbm) if hbm else 'unknown'} per chip)")
   w(f"mesh ({mesh}); model {model_lib.num_params(mc) / 1e6:.1f}M params, "
     f"{mc.num_layers} layers{' (scanned)' if mc.scan_layers else ''}, activation "
-    f"{mc.activation} ({mc.activation_impl}), dtype {mc.dtype}, remat {mc.remat}; global batch "
+    f"{mc.activation} ({mc.activation_impl}), attention {mc.attention_impl}, dtype {mc.dtype}, "
+    f"remat {mc.remat}, loss chunk {steps_lib.loss_chunk_len(seq, t.loss_chunk)}; global batch "
     f"{t.global_batch_size} x seq {seq} (micro-batch {t.micro_batch_size or 'none'})")
   w()
   w("| per chip | " + " | ".join(r.name for r in reports) + " |")

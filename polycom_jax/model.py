@@ -16,15 +16,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from polycom_jax import activations
+from polycom_jax import attention
 from polycom_jax import moe
+from polycom_jax import remat
 from polycom_jax.config_errors import require
 from polycom_jax.layers import DTYPES, HIDDEN, LOGITS, RESIDUAL, RMSNorm, param, rope
 from polycom_jax.sharding import constrain
 
-REMAT_POLICIES = ("none", "full", "save_matmuls")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 # QK-norm: none; "head": an RMSNorm over each head's Dh (Qwen3); "projection": over the whole
 # q [H*Dh] and k [K*Dh] projections before the split into heads (OLMoE, OlmoeAttention).
 QK_NORMS = ("none", "head", "projection")
@@ -57,6 +58,7 @@ class ModelConfig:
   attention_impl: str = "auto"
   document_mask: bool = False
   remat: str = "none"
+  remat_save_names: str = ""          # remat="save_names": which of remat.NAMES to keep
   scan_layers: bool = False
   num_experts: int = 0
   num_experts_per_tok: int = 0
@@ -86,7 +88,8 @@ class ModelConfig:
 
   @classmethod
   def from_config(cls, model: Any) -> ModelConfig:
-    """Resolves config.model (a ConfigDict or a dict) (d_ff, head_dim and dtype "auto") into a validated ModelConfig."""
+    """Resolves config.model (a ConfigDict or a dict) into a validated ModelConfig: d_ff,
+    head_dim, and dtype and attention_impl "auto" (by the platform)."""
     m = dict(model.to_dict() if hasattr(model, "to_dict") else model)
     act = activations.get(m.get("activation", "polynorm"))
     require(m.get("num_heads", 0) > 0, "config.model.num_heads", "must be > 0")
@@ -106,6 +109,7 @@ class ModelConfig:
       m["qk_norm"] = "head" if m["qk_norm"] else "none"
     if m.get("dtype", "auto") == "auto":
       m["dtype"] = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    m["attention_impl"] = attention.resolve_impl(m.get("attention_impl", "auto"), m["dtype"])
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(m) - known)
     require(not unknown, "config.model", f"has unknown fields {unknown}")
@@ -135,10 +139,9 @@ def _validate(c: ModelConfig):
   for name in ("dtype", "param_dtype"):
     require(getattr(c, name) in DTYPES, f"config.model.{name}",
             f"must be one of {tuple(DTYPES)} (or auto), got {getattr(c, name)!r}")
-  require(c.remat in REMAT_POLICIES, "config.model.remat",
-          f"must be one of {REMAT_POLICIES}, got {c.remat!r}")
-  require(c.attention_impl in ATTENTION_IMPLS, "config.model.attention_impl",
-          f"must be one of {ATTENTION_IMPLS}, got {c.attention_impl!r}")
+  remat.check(c.remat, c.remat_save_names)
+  require(c.attention_impl in attention.IMPLS[1:], "config.model.attention_impl",
+          f"must be one of {attention.IMPLS}, got {c.attention_impl!r}")
   require(c.init_std > 0, "config.model.init_std", f"must be > 0, got {c.init_std}")
   require(c.output_init_std >= 0, "config.model.output_init_std",
           f"must be >= 0 (0: init_std), got {c.output_init_std}")
@@ -193,23 +196,22 @@ class Attention(nnx.Module):
     if c.qk_norm != "none":
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
-    impl = None if c.attention_impl == "auto" else c.attention_impl
+    q, k, v = (checkpoint_name(y, n) for y, n in ((q, "q"), (k, "k"), (v, "v")))
     if cache is None:
-      mask = None
-      if segment_ids is not None and c.document_mask:
-        mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, T, T]
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=impl)
+      segments = segment_ids if c.document_mask else None
+      out = attention.attend(q, k, v, segments, impl=c.attention_impl)
       new_cache = None
     else:
       # Decoding: write this chunk's keys/values at cache_index, attend to everything before.
       start = (0, cache_index, 0, 0)
       k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
       v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
-      key_pos = jnp.arange(k_all.shape[1])
-      mask = (key_pos[None, None, :] <= positions[:, :, None])[:, None]      # [B, 1, T, S]
-      out = jax.nn.dot_product_attention(q, k_all.astype(dt), v_all.astype(dt), mask=mask)
+      out = attention.xla_attention(q, k_all.astype(dt), v_all.astype(dt), None,
+                                    kv_positions=jnp.arange(k_all.shape[1]),
+                                    q_positions=positions)
       new_cache = {"k": k_all, "v": v_all}
-    return jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dt)), new_cache
+    return checkpoint_name(jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dt)),
+                           "attn_proj"), new_cache
 
 
 class MLP(nnx.Module):
@@ -231,12 +233,14 @@ class MLP(nnx.Module):
     dt = self.c.compute_dtype
     # Hidden units split over `tensor`: PolyNorm's row statistics then need a cross-device sum
     # (GSPMD inserts it for the jnp path; the fused kernel psums inside shard_map).
-    h = constrain(x @ self.w_up[...].astype(dt), HIDDEN)              # [B, T, F]
+    h = checkpoint_name(constrain(x @ self.w_up[...].astype(dt), HIDDEN), "mlp_up")  # [B, T, F]
     if self.gated:
-      h = self.act(constrain(x @ self.w_gate[...].astype(dt), HIDDEN)) * h
+      gate = checkpoint_name(constrain(x @ self.w_gate[...].astype(dt), HIDDEN), "mlp_gate")
+      h = self.act(gate) * h
     else:
       h = self.act(h)
-    return h @ self.w_down[...].astype(dt)
+    h = checkpoint_name(h, "mlp_act")
+    return checkpoint_name(h @ self.w_down[...].astype(dt), "mlp_out")
 
 
 class Block(nnx.Module):
@@ -253,11 +257,6 @@ class Block(nnx.Module):
     h, new_cache = self.attn(self.attn_norm(x), positions, segment_ids, cache, cache_index)
     x = x + h
     return x + self.mlp(self.mlp_norm(x)), new_cache
-
-
-def _remat_policy(name: str):
-  return {"full": None,
-          "save_matmuls": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}[name]
 
 
 class Transformer(nnx.Module):
@@ -286,7 +285,20 @@ class Transformer(nnx.Module):
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None, cache: list[dict] | None = None,
                cache_index: jax.Array | None = None):
-    """Logits for tokens; with `cache` (from init_cache) also returns the updated cache."""
+    """Logits [B, T, V] (float32) for tokens; with `cache` (from init_cache) also returns the
+    updated cache."""
+    x, new_cache = self.hidden(tokens, positions, segment_ids, cache, cache_index)
+    logits = constrain((x @ self.head()).astype(jnp.float32), LOGITS)          # [B, T, V]
+    return logits if cache is None else (logits, new_cache)
+
+  def head(self) -> jax.Array:
+    """The output projection [D, V] in the compute dtype (the embedding's transpose if tied)."""
+    head = self.embed[...].T if self.c.tie_embeddings else self.lm_head[...]
+    return head.astype(self.c.compute_dtype)
+
+  def hidden(self, tokens, positions=None, segment_ids=None, cache=None, cache_index=None):
+    """The final-normed residual stream [B, T, D] that the head maps to logits, and the new
+    cache (None without one). The loss applies the head itself, a chunk at a time."""
     c, dt = self.c, self.c.compute_dtype
     if positions is None:
       start = 0 if cache_index is None else cache_index
@@ -299,16 +311,13 @@ class Transformer(nnx.Module):
       for i, layer in enumerate(self.layers):
         if cache is None and c.remat != "none":
           x, _ = nnx.remat(lambda blk, y: blk(y, positions, segment_ids),
-                           policy=_remat_policy(c.remat))(layer, x)
+                           policy=remat.policy(c.remat, c.remat_save_names))(layer, x)
         else:
           x, layer_cache = layer(x, positions, segment_ids,
                                  None if cache is None else cache[i], cache_index)
           new_cache.append(layer_cache)
         x = constrain(x, RESIDUAL)
-    x = self.final_norm(x)
-    head = self.embed[...].T if c.tie_embeddings else self.lm_head[...]
-    logits = constrain((x @ head.astype(dt)).astype(jnp.float32), LOGITS)  # [B, T, V]
-    return logits if cache is None else (logits, new_cache)
+    return self.final_norm(x), (None if cache is None else new_cache)
 
   def _scan_layers(self, x, positions, segment_ids, cache, cache_index):
     """The stacked blocks applied in turn by one lax.scan: the step compiles one block, not
@@ -323,7 +332,8 @@ class Transformer(nnx.Module):
       return constrain(x, RESIDUAL), (new_cache, nnx.state(block, nnx.Intermediate))
 
     if cache is None and c.remat != "none":
-      body = jax.checkpoint(body, policy=_remat_policy(c.remat), prevent_cse=False)
+      body = jax.checkpoint(body, policy=remat.policy(c.remat, c.remat_save_names),
+                            prevent_cse=False)
     x, (new_cache, stats) = jax.lax.scan(body, x, (block_state, cache))
     nnx.update(self.layers, stats)
     return x, new_cache

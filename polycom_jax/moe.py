@@ -28,6 +28,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from polycom_jax import activations
@@ -129,7 +130,7 @@ class MoE(nnx.Module):
     # Set on every call (not at construction) so the params-only state still merges.
     self.load_balance = RouterStats(_load_balance_from_sums(sums, c.num_experts_per_tok))
     self.router_z = RouterStats(sums["lse_squared"] / sums["tokens"])
-    return y.astype(c.compute_dtype)
+    return checkpoint_name(y.astype(c.compute_dtype), "mlp_out")
 
 
 def _splits_rows(layout, batch: int) -> bool:

@@ -57,7 +57,7 @@ def validate_config(config: ml_collections.ConfigDict) -> model_lib.ModelConfig:
   for name in ("num_steps", "global_batch_size", "log_every"):
     require(t[name] > 0, f"config.train.{name}", f"must be > 0, got {t[name]}")
   for name in ("checkpoint_every", "eval_every", "eval_batches", "warmup_steps",
-               "micro_batch_size", "weight_decay", "grad_clip", "z_loss"):
+               "micro_batch_size", "weight_decay", "grad_clip", "z_loss", "loss_chunk"):
     require(t[name] >= 0, f"config.train.{name}", f"must be >= 0, got {t[name]}")
   require(t.learning_rate > 0, "config.train.learning_rate", f"must be > 0, got {t.learning_rate}")
   require(0 <= t.min_learning_rate <= t.learning_rate, "config.train.min_learning_rate",

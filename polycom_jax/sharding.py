@@ -46,6 +46,8 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("activation_embed", None),
     ("activation_mlp", "tensor"),
     ("activation_vocab", "tensor"),
+    ("activation_heads", "tensor"),      # q / k / v heads, where attention runs per shard
+    ("activation_kv_heads", "tensor"),
 )
 
 
@@ -152,7 +154,8 @@ def logical_to_mesh_spec(names: Sequence[str | None] | None, rules) -> P:
   return P(*(table.get(n) if n is not None else None for n in names))
 
 
-def _axes_of(entry) -> tuple[str, ...]:
+def axes_of(entry) -> tuple[str, ...]:
+  """The mesh axes of one PartitionSpec entry (None, a name, or a tuple of names)."""
   return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
@@ -160,16 +163,16 @@ def _checked_spec(path: str, shape: Sequence[int], names, rules, mesh: Mesh) -> 
   """The spec of a named array, or a ConfigError if it reuses a mesh axis or splits a dimension
   unevenly (jit would refuse it later with a less helpful message)."""
   spec = logical_to_mesh_spec(names, rules)
-  used = [a for entry in spec for a in _axes_of(entry)]
+  used = [a for entry in spec for a in axes_of(entry)]
   if len(used) != len(set(used)):
     raise ConfigError(f"config.mesh.rules put a mesh axis on two dimensions of {path} "
                       f"(logical axes {tuple(names)} -> {spec})")
   for dim, name, entry in zip(shape, names, spec):
-    ways = math.prod(mesh.shape[a] for a in _axes_of(entry))
+    ways = math.prod(mesh.shape[a] for a in axes_of(entry))
     if dim % ways:
       raise ConfigError(
           f"{path} {tuple(shape)}: its {name!r} dimension ({dim}) cannot be split {ways} ways "
-          f"over mesh axes {_axes_of(entry)} (mesh {dict(mesh.shape)}); change config.mesh or "
+          f"over mesh axes {axes_of(entry)} (mesh {dict(mesh.shape)}); change config.mesh or "
           f"map {name!r} elsewhere in config.mesh.rules")
   return spec
 
@@ -195,7 +198,7 @@ def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
 
 def data_parallel_size(mesh: Mesh, rules=DEFAULT_RULES) -> int:
   """How many ways the batch rows are split."""
-  return math.prod(mesh.shape[a] for a in _axes_of(dict(rules).get("batch")))
+  return math.prod(mesh.shape[a] for a in axes_of(dict(rules).get("batch")))
 
 
 # ------------------------------------------------------------------------------------------------

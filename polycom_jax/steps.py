@@ -15,21 +15,50 @@ from polycom_jax import moe as moe_lib
 from polycom_jax import optimizer as opt_lib
 from polycom_jax import param_layouts
 from polycom_jax import sharding as sharding_lib
+from polycom_jax.layers import LOGITS
 from polycom_jax.setup import Setup
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
-def token_nll(graphdef, params, batch: dict, mc: model_lib.ModelConfig):
+def loss_chunk_len(seq_len: int, loss_chunk: int) -> int:
+  """Tokens per loss chunk: the largest divisor of seq_len that is <= loss_chunk (0: all)."""
+  if not loss_chunk or loss_chunk >= seq_len:
+    return seq_len
+  return max(c for c in range(1, loss_chunk + 1) if seq_len % c == 0)
+
+
+def _head_nll(x: jax.Array, head: jax.Array, targets: jax.Array):
+  """nll and log-partition [B, C] (float32) of hidden states x [B, C, D] under head [D, V]."""
+  logits = sharding_lib.constrain((x @ head).astype(jnp.float32), LOGITS)      # [B, C, V]
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return logz - target_logit, logz
+
+
+def token_nll(graphdef, params, batch: dict, mc: model_lib.ModelConfig, loss_chunk: int = 0):
   """Per-token negative log-likelihood [B, T] and log-partition [B, T], in float32, and the
-  MoE router's auxiliary losses ({} for dense models)."""
+  MoE router's auxiliary losses ({} for dense models).
+
+  With loss_chunk (tokens, see loss_chunk_len) the head and softmax run a chunk of the sequence
+  at a time under jax.checkpoint: the float32 logits [B, T, V] never exist at once, neither in
+  the forward pass nor saved for the backward one (each chunk's are recomputed there).
+  """
   model = nnx.merge(graphdef, params)
   doc = mc.document_mask
-  logits = model(batch["inputs"], positions=batch["positions"] if doc else None,
-                 segment_ids=batch["segment_ids"] if doc else None)          # [B, T, V]
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-  return logz - target_logit, logz, moe_lib.aux_losses(model)
+  x, _ = model.hidden(batch["inputs"], positions=batch["positions"] if doc else None,
+                      segment_ids=batch["segment_ids"] if doc else None)       # [B, T, D]
+  head, targets = model.head(), batch["targets"]
+  b, t, d = x.shape
+  c = loss_chunk_len(t, loss_chunk)
+  if c == t:
+    nll, logz = _head_nll(x, head, targets)
+  else:
+    chunks = lambda a: jnp.swapaxes(a.reshape(b, t // c, c, *a.shape[2:]), 0, 1)  # [N, B, C..]
+    one = jax.checkpoint(lambda xt: _head_nll(xt[0], head, xt[1]))
+    nll, logz = jax.lax.map(one, (chunks(x), chunks(targets)))                 # [N, B, C]
+    nll, logz = (jnp.swapaxes(a, 0, 1).reshape(b, t) for a in (nll, logz))
+  return nll, logz, moe_lib.aux_losses(model)
 
 
 def make_train_step(s: Setup) -> Callable[[dict, dict], tuple[dict, dict]]:
@@ -42,7 +71,7 @@ def make_train_step(s: Setup) -> Callable[[dict, dict], tuple[dict, dict]]:
     """This (micro-)batch's share of the global objective: its token nll sum (and z-loss) over
     the GLOBAL batch's token count, so the micro-batches' shares add up to the global mean
     whatever their own token counts; plus (its nll sum, its router losses)."""
-    nll, logz, aux = token_nll(graphdef, params, batch, mc)
+    nll, logz, aux = token_nll(graphdef, params, batch, mc, t.loss_chunk)
     mask = batch["loss_mask"]
     loss = jnp.sum(nll * mask)
     if t.z_loss:
@@ -100,7 +129,8 @@ def make_eval_step(s: Setup) -> Callable[[Any, dict], dict]:
   byte_lengths = jnp.asarray(byte_lengths)
 
   def step(params, batch):
-    nll, _, _ = token_nll(s.graphdef, params, batch, s.model_config)
+    nll, _, _ = token_nll(s.graphdef, params, batch, s.model_config,
+                          s.config.train.loss_chunk)
     mask = batch["loss_mask"]
     return {"nll": jnp.sum(nll * mask), "tokens": jnp.sum(mask),
             "bytes": jnp.sum(byte_lengths[batch["targets"]] * mask)}

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -195,6 +196,49 @@ def test_gradient_accumulation_weights_micro_batches_by_their_tokens(setup_and_b
     wrong = optax.tree.norm(jax.tree.map(jnp.subtract, mean_of_means, unsplit))
     assert float(wrong) > 0.1 * float(optax.tree.norm(unsplit))          # the test can fail
     _check_accumulation_equals_the_full_batch(s, s_accum, state, batch)
+
+
+def test_chunked_loss_equals_the_whole_one_and_never_holds_the_logits(setup_and_batch):
+  """The loss a chunk of 8 positions at a time (the tiny rows have 32), with padding and a
+  z-loss: nll and log-partition equal the unchunked ones bit for bit, gradients to float32
+  rounding (the chunks' contributions add up in another order), and neither pass makes a
+  [B, T, V] array (the whole logits)."""
+  s, batch = setup_and_batch
+  mask = np.array(batch["loss_mask"])
+  mask[0, 20:] = 0.0                                        # padding in one row
+  batch = {k: jnp.asarray(v) for k, v in dict(batch, loss_mask=mask).items()}
+  with jax.set_mesh(s.mesh):
+    params = setup_lib.init_state(s)["params"]
+
+  def loss(p, chunk):
+    nll, logz, _ = steps_lib.token_nll(s.graphdef, p, batch, s.model_config, chunk)
+    m = batch["loss_mask"]
+    return jnp.sum(nll * m) / jnp.sum(m) + 1e-2 * jnp.sum(jnp.square(logz) * m), (nll, logz)
+
+  assert steps_lib.loss_chunk_len(32, 8) == 8 and steps_lib.loss_chunk_len(32, 12) == 8
+  (whole, (nll0, logz0)), g0 = jax.value_and_grad(loss, has_aux=True)(params, 0)
+  (chunked, (nll1, logz1)), g1 = jax.value_and_grad(loss, has_aux=True)(params, 8)
+  np.testing.assert_array_equal(nll1, nll0)
+  np.testing.assert_array_equal(logz1, logz0)
+  np.testing.assert_allclose(chunked, whole, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.max(np.abs(b))))
+  b_, t = batch["inputs"].shape
+  full = (b_, t, s.model_config.vocab_size)
+
+  def shapes(chunk):
+    program = jax.make_jaxpr(jax.grad(lambda p: loss(p, chunk)[0]))(params)
+    found = set()
+    def visit(jaxpr):
+      for eqn in jaxpr.eqns:
+        found.update(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+          visit(sub)
+    visit(program.jaxpr)
+    return found
+
+  assert full in shapes(0)                                  # the check can fail
+  assert full not in shapes(8)
 
 
 def test_nonfinite_batch_leaves_state_untouched(setup_and_batch):
