@@ -16,12 +16,13 @@ model given by --config.data.tokenizer_path.
 
 Mesh: FSDP over all devices (8 GPUs, or a v5p-32 slice's 16 chips: parameters and Adam state,
 ~16 GB in float32, shard 8 or 16 ways; 64 sequences = 8 or 4 per device) with full
-rematerialisation and the layers scanned (one compiled block). Compiled ahead of time for a
-v5p-32 (XLA attention, which materialises the [T, T] scores): 0.94 GiB of state + 12.5 GiB of
-scratch per chip (of 95 GiB; the largest batch that fits is 480); on a v5e-16 (16 GiB) the
-paper's batch fits too (benchmarks/RESULTS.md, "TPU compile check"). attention_impl auto is XLA's
-attention on every backend (it materialises the scores; the reference used flash attention);
-on GPUs attention_impl=cudnn selects cuDNN's fused attention. With less memory,
+rematerialisation and the layers scanned (one compiled block). attention_impl auto is splash
+attention on TPU and cuDNN's flash attention on GPU (bf16), like the reference's flash attention,
+and the loss runs 512 positions at a time (train.loss_chunk). Compiled ahead of time for a v5e-16
+(16 GiB per chip): 0.94 GiB of state + 6.3 GiB of scratch per chip at the paper's batch; the
+largest batch that fits is 160 (benchmarks/RESULTS.md, "TPU compile check"). Megatron's
+selective recompute, as the reference ran it: --config.model.remat=selective (more memory, fewer
+FLOPs; for chips with more HBM). With less memory,
 --config.train.micro_batch_size=32 (gradient accumulation) roughly halves the scratch. Several
 TPU slices or GPU nodes joined by DCN: data
 parallel across them, FSDP inside each, e.g. 2 x v5p-32: --config.mesh.data=2

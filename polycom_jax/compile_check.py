@@ -19,7 +19,7 @@ by the number of micro-batches.
 
 For the target backend, "auto" settings resolve as on a TPU: config.model.activation_impl
 "auto" -> "pallas" (so the fused kernels go through the Mosaic compile), attention_impl "auto" ->
-"splash" and dtype "auto" -> "bfloat16". XLA's cost analysis does not see inside a Pallas call:
+"splash" (XLA when seq_len is not a multiple of 128) and dtype "auto" -> "bfloat16". XLA's cost analysis does not see inside a Pallas call:
 with splash, the attention FLOPs are missing from "XLA FLOPs" (the model formula counts them). config.data.tokenizer falls back to the byte tokenizer when no tokenizer_path is
 given (only the vocabulary size check and the eval step's byte table use it).
 """
@@ -86,8 +86,8 @@ def prepare_config(config):
       config.model.activation_impl = "pallas"
     if config.model.get("dtype", "auto") == "auto":
       config.model.dtype = "bfloat16"
-    if config.model.get("attention_impl", "auto") == "auto":
-      config.model.attention_impl = "splash"
+    if config.model.get("attention_impl", "auto") == "auto":   # as setup resolves it on a TPU
+      config.model.attention_impl = "splash" if config.data.seq_len % 128 == 0 else "xla"
     if config.data.tokenizer != "byte" and not config.data.tokenizer_path:
       config.data.tokenizer = "byte"
   return config

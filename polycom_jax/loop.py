@@ -140,9 +140,11 @@ class StepLog:
 def _resume_or_init(s: setup_lib.Setup, checkpointer, config_dict: dict, train_iter):
   """(first step, state): the workdir's latest good checkpoint (with the data position it
   saved), or a fresh state at step 0."""
+  mc = s.model_config
+  log(f"model: {model_lib.num_params(mc):,} parameters, activation {mc.activation}, "
+      f"attention {mc.attention_impl}, {mc.dtype}, remat {mc.remat}; mesh {dict(s.mesh.shape)}")
   if not checkpointer.steps():
-    log(f"initialised {model_lib.num_params(s.model_config):,} parameters "
-        f"({s.model_config.activation}, mesh {dict(s.mesh.shape)})")
+    log("initialised the parameters")
     return 0, setup_lib.init_state(s)
   start, state, data_state = checkpointer.restore_latest_good(s.abstract_state, config_dict,
                                                               warn=log, set_aside=True)

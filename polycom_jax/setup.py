@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from typing import Any, Callable
 
 import jax
@@ -78,6 +79,13 @@ def validate_config(config: ml_collections.ConfigDict) -> model_lib.ModelConfig:
   require(config.data.seq_len > 1, "config.data.seq_len", f"must be > 1, got {config.data.seq_len}")
   require(config.data.seq_len <= mc.max_seq_len, "config.data.seq_len",
           f"({config.data.seq_len}) is longer than config.model.max_seq_len ({mc.max_seq_len})")
+  if mc.attention_impl == "splash" and config.data.seq_len % 128:
+    require(config.model.get("attention_impl", "auto") == "auto", "config.model.attention_impl",
+            f"'splash' needs config.data.seq_len to be a multiple of 128, got "
+            f"{config.data.seq_len}; use 'xla'")
+    print(f"note: attention auto -> xla, not splash: seq_len {config.data.seq_len} is not a "
+          "multiple of 128", file=sys.stderr)
+    mc = dataclasses.replace(mc, attention_impl="xla")
   return mc
 
 

@@ -66,11 +66,14 @@ def tiny_param_bytes(fsdp: int, **model_overrides) -> int:
 @needs_libtpu
 def test_tiny_compiles_for_v5p_with_fsdp(tmp_path):
   out = tmp_path / "r.json"
+  """Rows of 128 tokens: attention auto resolves to splash, compiled by Mosaic with the
+  fused PolyNorm (the report names the backend)."""
   proc = run_tool("--topology=v5p:2x2x1", "--config.mesh.data=1", "--config.mesh.fsdp=-1",
-                  json_out=out)
+                  "--config.data.seq_len=128", "--config.model.max_seq_len=128", json_out=out)
   assert proc.returncode == 0, proc.stderr[-3000:]
   r = json.loads(out.read_text())
   assert r["num_chips"] == 4 and r["device_kind"] == "TPU v5" and r["mesh"]["fsdp"] == 4
+  assert r["attention_impl"] == "splash" and "attention splash" in proc.stdout
   assert r["fits"] and set(r["steps"]) == {"train", "eval"}
   assert r["param_bytes"] == tiny_param_bytes(fsdp=4)
   assert r["param_bytes"] < model_lib.num_params(
@@ -78,7 +81,8 @@ def test_tiny_compiles_for_v5p_with_fsdp(tmp_path):
   assert r["opt_state_bytes"] >= 2 * r["param_bytes"]          # Adam's mu and nu
   train = r["steps"]["train"]
   assert train["flops"] > 0 and train["temp"] > 0 and train["compile_s"] > 0
-  assert train["mosaic_kernels"] > 0          # the fused PolyNorm went through Mosaic
+  # PolyNorm forward + backward, splash forward + backward (2 blocks): all through Mosaic.
+  assert train["mosaic_kernels"] >= 4, train["mosaic_kernels"]
   for label in ("parameters", "optimizer state", "activations / temp", "XLA FLOPs",
                 "model FLOPs", "compile time", "| fits | yes"):
     assert label in proc.stdout
@@ -96,6 +100,7 @@ def test_tiny_compiles_for_v5e_replicated(tmp_path):
   mc = model_lib.ModelConfig.from_config(tiny.get_config().model)
   assert r["param_bytes"] == model_lib.num_params(mc) * 4 == tiny_param_bytes(fsdp=1)
   assert set(r["steps"]) == {"train"}
+  assert r["attention_impl"] == "xla"          # tiny's 32-token rows: splash needs 128s
 
 
 @needs_libtpu
@@ -168,9 +173,11 @@ def test_max_batch_finds_the_boundary(tmp_path):
   """--max_batch: the batch it reports compiled and fit, the next multiple of the data-parallel
   size compiled and did not (the search's own log, from real compiles for a 16 GiB v5e)."""
   out = tmp_path / "r.json"
-  # Long sequences and a large vocabulary: ~1 GiB of logits per sequence, so few fit.
+  # Long sequences and a large vocabulary, the logits held whole and XLA attention: ~1 GiB
+  # of logits and scores per sequence, so few fit (and the search stays short).
   proc = run_tool("--topology=v5e:2x2", "--skip_eval", "--max_batch",
                   "--config.data.seq_len=8192", "--config.model.max_seq_len=8192",
+                  "--config.train.loss_chunk=0", "--config.model.attention_impl=xla",
                   "--config.model.vocab_size=32768", "--config.train.global_batch_size=16",
                   json_out=out)
   assert proc.returncode == 0, proc.stderr[-3000:]
