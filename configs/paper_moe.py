@@ -20,9 +20,10 @@ this counts 10.1B total / 1.6B active parameters (num_params / flops_per_token);
 OLMoE-1B-7B uses 1024 (6.9B total / 1.3B active): --config.model.moe_ungated_d_ff=1536 for it.
 
 Mesh: experts over `expert` (8), the rest FSDP; e.g. a v5p-128 slice (64 chips): fsdp 8 x
-expert 8. Compiled ahead of time for it (layers scanned, full remat): 2.35 GiB of state + 56 GiB
-of scratch per chip at the paper's batch (of 95 GiB). On a v5e-64 (16 GiB per chip) at most a
-global batch of 192 fits: add --config.train.micro_batch_size=128 (8 accumulation steps)
+expert 8. Compiled ahead of time for it (layers scanned, full remat; before splash attention and
+the chunked loss): 2.35 GiB of state + 56 GiB of scratch per chip at the paper's batch (of 95
+GiB). On a v5e-64 (16 GiB per chip), with splash attention and the chunked loss (the defaults
+now): --config.train.micro_batch_size=256 (4 accumulation steps) fits, 13.8 GiB per chip
 (benchmarks/RESULTS.md, "TPU compile check"). For a quick CPU run shrink it, e.g.
   --config.model.num_layers=2 --config.model.d_model=64 --config.model.num_heads=4
   --config.model.num_kv_heads=4 --config.model.num_experts=8 --config.model.num_experts_per_tok=2

@@ -153,3 +153,29 @@ for a, b_ in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
   np.testing.assert_allclose(a, b_, atol=1e-4, rtol=1e-4)
 print("ok shard_map")
 """
+
+
+def test_a_model_on_splash_equals_the_model_on_xla_with_packed_documents():
+  """The whole Transformer (document masking on, GQA) gives the same logits with either
+  backend: the layer passes q, k, v and the segment ids through unchanged."""
+  from flax import nnx
+  from polycom_jax import model as model_lib
+  base = dict(vocab_size=97, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
+              ungated_d_ff=128, d_ff_multiple_of=32, max_seq_len=128, document_mask=True)
+  rng = np.random.default_rng(3)
+  tokens = jnp.asarray(rng.integers(0, 97, (2, 128)), jnp.int32)
+  seg = _segments(rng, 2, 128, (4, 2))
+  logits = {}
+  for impl in ("xla", "splash"):
+    mc = model_lib.ModelConfig.from_config(dict(base, attention_impl=impl))
+    logits[impl] = model_lib.Transformer(mc, nnx.Rngs(0))(tokens, segment_ids=seg)
+  np.testing.assert_allclose(logits["splash"], logits["xla"], atol=1e-4, rtol=1e-4)
+
+
+def test_splash_needs_rows_of_multiples_of_128():
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from polycom_jax import setup as setup_lib
+  config = tiny_config("unused/*.txt", "unused")
+  config.model.attention_impl = "splash"
+  with pytest.raises(ConfigError, match="'splash' needs config.data.seq_len to be a multiple"):
+    setup_lib.validate_config(config)
