@@ -20,7 +20,6 @@ for the remat policies in model.py.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -154,8 +153,9 @@ def block_size(seq_len: int) -> int:
                     f"{seq_len}; use config.model.attention_impl='xla'")
 
 
-@functools.lru_cache(maxsize=None)
 def _splash_kernel(num_heads: int, seq_len: int, interpret: bool):
+  """Built per trace, not cached: the kernel holds its mask tables as arrays, which would be
+  one trace's tracers in the next (the mask preprocessing is cheap numpy)."""
   # pylint: disable-next=g-import-not-at-top
   from jax.experimental.pallas.ops.tpu.splash_attention import (
       splash_attention_kernel as kernel, splash_attention_mask as masks)

@@ -71,15 +71,15 @@ def test_backends_match_the_float64_reference_forward_and_backward(impl, name, h
   b, t, d = 2, 128, 16
   q, k, v = _qkv(rng, b, t, h, kh, d)
   seg = None if counts is None else _segments(rng, b, t, counts)
-  out = attention.attend(q, k, v, seg, impl=impl)
+  out = jax.jit(lambda q, k, v: attention.attend(q, k, v, seg, impl=impl))(q, k, v)
   np.testing.assert_allclose(out, reference(q, k, v, seg), atol=2e-5, rtol=2e-5)
   # Gradients against XLA's autodiff of the float64 formula (jax with x64 off: compare the
   # float32 XLA path, itself checked above, at the same tolerance).
   cotangent = jnp.asarray(rng.normal(size=out.shape), jnp.float32)
   loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * cotangent)
-  grads = jax.grad(loss(lambda q, k, v: attention.attend(q, k, v, seg, impl=impl)),
-                   argnums=(0, 1, 2))(q, k, v)
-  ref = jax.grad(loss(lambda q, k, v: _jnp_reference(q, k, v, seg)), argnums=(0, 1, 2))(q, k, v)
+  grad = lambda fn: jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2)))(q, k, v)
+  grads = grad(lambda q, k, v: attention.attend(q, k, v, seg, impl=impl))
+  ref = grad(lambda q, k, v: _jnp_reference(q, k, v, seg))
   for got, want in zip(grads, ref):
     np.testing.assert_allclose(got, want, atol=5e-5, rtol=5e-5)
 

@@ -2,6 +2,7 @@
 attention is causal, the KV cache reproduces the full forward, bad configs are refused."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -132,16 +133,18 @@ def test_greedy_cached_decoding_equals_argmax_of_the_uncached_forward(scan_layer
   m = model.Transformer(c, nnx.Rngs(1))
   prompt = _tokens(c, (1, 4), seed=3)
   cache = model.init_cache(c, batch=1, max_len=16)
-  logits, cache = m(prompt, cache=cache, cache_index=jnp.int32(0))
+  cached = nnx.jit(lambda m, x, cache, i: m(x, cache=cache, cache_index=i))
+  uncached = nnx.jit(lambda m, x: m(x))
+  logits, cache = cached(m, prompt, cache, jnp.int32(0))
   seq = prompt
   for pos in range(prompt.shape[1], 12):
     cached_last = logits[0, -1]
-    full_last = m(seq)[0, -1]                                      # the uncached forward
+    full_last = uncached(m, seq)[0, -1]                            # the uncached forward
     np.testing.assert_allclose(cached_last, full_last, atol=2e-5, rtol=1e-5, err_msg=str(pos))
     token = int(jnp.argmax(cached_last))
     assert token == int(jnp.argmax(full_last)), pos
     seq = jnp.concatenate([seq, jnp.full((1, 1), token, seq.dtype)], axis=1)
-    logits, cache = m(seq[:, -1:], cache=cache, cache_index=jnp.int32(pos))
+    logits, cache = cached(m, seq[:, -1:], cache, jnp.int32(pos))
   assert len(set(np.asarray(seq[0, 4:]).tolist())) > 1      # not one token repeated: a real test
 
 
@@ -184,15 +187,19 @@ def test_rope_scores_depend_only_on_the_position_difference():
 
 @pytest.mark.parametrize("policy", ["full", "save_matmuls", "selective", "save_names"])
 def test_remat_gives_the_same_gradients(policy):
-  c = _model_config()
-  c_remat = _model_config(remat=policy, remat_save_names="q,k,v,mlp_act")
-  m, m_remat = model.Transformer(c, nnx.Rngs(0)), model.Transformer(c_remat, nnx.Rngs(0))
-  tokens = _tokens(c)
-  grad = lambda mm: nnx.grad(lambda mm: mm(tokens).sum())(mm)
   # Recomputation may fuse differently: float32 rounding, ~1e-6 of each gradient's scale.
-  for (p, a), (_, b) in zip(nnx.to_flat_state(grad(m)), nnx.to_flat_state(grad(m_remat))):
+  for (p, a), (_, b) in zip(_gradients("none"), _gradients(policy)):
     scale = float(np.max(np.abs(a[...])))
     np.testing.assert_allclose(a[...], b[...], rtol=1e-5, atol=1e-5 * scale, err_msg=str(p))
+
+
+@functools.cache
+def _gradients(policy: str) -> list:
+  """Flat gradients of sum(logits) of the default 2-layer model under a remat policy."""
+  c = _model_config(remat=policy, remat_save_names="q,k,v,mlp_act")
+  tokens = _tokens(c)
+  grads = nnx.jit(nnx.grad(lambda m: m(tokens).sum()))(model.Transformer(c, nnx.Rngs(0)))
+  return list(nnx.to_flat_state(grads))
 
 
 def _saved(c, tokens) -> list:
