@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.bench_kernels import median_seconds
 from polycom_jax import attention
 
 
@@ -63,16 +62,6 @@ def segments(batch: int, seq: int, docs: int) -> jax.Array:
   return jnp.asarray(np.stack(rows))
 
 
-def _median_ms(fn, args, runs: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(runs):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return 1e3 * statistics.median(times)
-
-
 def measure(backend: str, q, k, v, seg, cotangent, runs: int, reference=None) -> dict:
   fn = attend_fn(backend)
   grad = jax.jit(jax.value_and_grad(
@@ -82,8 +71,8 @@ def measure(backend: str, q, k, v, seg, cotangent, runs: int, reference=None) ->
   compiled = grad.lower(q, k, v).compile()
   mem = compiled.memory_analysis()
   peak = None if mem is None else (mem.temp_size_in_bytes + mem.output_size_in_bytes) / 2**20
-  result = {"fwd_ms": _median_ms(out_fn, (q, k, v), runs),
-            "fwd_bwd_ms": _median_ms(compiled, (q, k, v), runs), "temp_mib": peak,
+  result = {"fwd_ms": 1e3 * median_seconds(out_fn, (q, k, v), runs),
+            "fwd_bwd_ms": 1e3 * median_seconds(compiled, (q, k, v), runs), "temp_mib": peak,
             "out": out_fn(q, k, v), "grads": compiled(q, k, v)[1]}
   if reference is not None:
     err = lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))

@@ -43,7 +43,7 @@ def _paths(kernel: str, on_cpu: bool) -> dict:
   return paths
 
 
-def _median_seconds(fn, args, runs: int) -> float:
+def median_seconds(fn, args, runs: int) -> float:
   """Median wall time of fn(*args) over runs calls, after one warm-up (compile) call."""
   jax.block_until_ready(fn(*args))
   times = []
@@ -69,7 +69,7 @@ def bench_shape(rows: int, d: int, dtype, order: int, runs: int) -> list[tuple]:
   w = jnp.full((order,), 1.0 / order, jnp.float32)
   b = jnp.zeros((1,), jnp.float32)
   nbytes = x.size * x.dtype.itemsize
-  copy_s = _median_seconds(jax.jit(lambda a: a + jnp.asarray(1, a.dtype)), (x,), runs)
+  copy_s = median_seconds(jax.jit(lambda a: a + jnp.asarray(1, a.dtype)), (x,), runs)
   copy_gbs = 2 * nbytes / copy_s / 1e9
   out = [("copy (x + 1)", "", f"{rows}x{d}", "-", copy_s, copy_gbs, 100.0, None)]
   on_cpu = jax.default_backend() == "cpu"
@@ -78,7 +78,7 @@ def bench_shape(rows: int, d: int, dtype, order: int, runs: int) -> list[tuple]:
     for name, act in _paths(kernel, on_cpu).items():
       for label, fn, args, moved in (("fwd", jax.jit(act), (x, w, b), 2),
                                      ("fwd+bwd", jax.jit(_fwd_bwd(act)), (x, w, b, dy), 5)):
-        secs = _median_seconds(fn, args, runs)
+        secs = median_seconds(fn, args, runs)
         base.setdefault(label, secs)
         gbs = moved * nbytes / secs / 1e9
         out.append((kernel, name, f"{rows}x{d}", label, secs, gbs, 100 * gbs / copy_gbs,
