@@ -42,6 +42,12 @@ def _max_err(a, b) -> float:
   return float(jnp.max(jnp.abs(jnp.asarray(a, jnp.float32) - jnp.asarray(b, jnp.float32))))
 
 
+def _max_rel_err(got, want) -> float:
+  """The largest |difference| of two pytrees of gradients, each over its reference's scale."""
+  return max(_max_err(a, c) / (float(jnp.max(jnp.abs(c))) + 1e-30)
+             for a, c in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+
+
 def check_kernels() -> list[dict]:
   """Fused vs jnp, value and gradients, on odd shapes; tolerance by dtype."""
   results = []
@@ -60,8 +66,7 @@ def check_kernels() -> list[dict]:
               argnums=(0, 1, 2)))
         (v_p, g_p), (v_x, g_x) = loss("pallas")(x, w, b), loss("xla")(x, w, b)
         out_err = _max_err(fn(x, w, b, impl="pallas"), fn(x, w, b, impl="xla"))
-        grad_err = max(_max_err(a, c) / (float(jnp.max(jnp.abs(c))) + 1e-30)
-                       for a, c in zip(g_p, g_x))
+        grad_err = _max_rel_err(g_p, g_x)
         results.append({"check": f"{name} {rows}x{d} {jnp.dtype(dtype).name}",
                         "out_err": out_err, "grad_rel_err": grad_err,
                         "ok": out_err <= tol * 10 and grad_err <= tol})
@@ -77,18 +82,16 @@ def check_attention() -> list[dict]:
   cot = jax.random.normal(key[3], q.shape, jnp.float32)
   packed = bench_attention.segments(b, t, 7)
   for seg, label in ((None, "causal"), (packed, "7 documents + padding")):
-    ref = jax.value_and_grad(lambda q, k, v: jnp.sum(
-        attention.attend(q, k, v, seg, impl="xla").astype(jnp.float32) * cot), (0, 1, 2))
+    def weighted_grads(fn):
+      return jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, seg).astype(jnp.float32) * cot),
+                              (0, 1, 2)))(q, k, v)
+    xla = bench_attention.attend_fn("xla")
+    ref_out, ref_grads = jax.jit(lambda q, k, v: xla(q, k, v, seg))(q, k, v), weighted_grads(xla)
     for backend in ("cudnn", "pallas_gpu"):
       fn = bench_attention.attend_fn(backend)
-      got = jax.value_and_grad(lambda q, k, v: jnp.sum(
-          fn(q, k, v, seg).astype(jnp.float32) * cot), (0, 1, 2))
       try:
-        (_, lg), (_, rg) = jax.jit(got)(q, k, v), jax.jit(ref)(q, k, v)
-        out_err = _max_err(jax.jit(lambda q, k, v: fn(q, k, v, seg))(q, k, v),
-                           attention.attend(q, k, v, seg, impl="xla"))
-        grad_err = max(_max_err(a, c) / (float(jnp.max(jnp.abs(c))) + 1e-30)
-                       for a, c in zip(lg, rg))
+        out_err = _max_err(jax.jit(lambda q, k, v: fn(q, k, v, seg))(q, k, v), ref_out)
+        grad_err = _max_rel_err(weighted_grads(fn), ref_grads)
         results.append({"check": f"attention {backend} vs xla, {label}", "out_err": out_err,
                         "grad_rel_err": grad_err, "ok": out_err < 5e-2 and grad_err < 5e-2})
       except Exception as e:  # noqa: BLE001
@@ -126,8 +129,7 @@ def check_model_packed() -> list[dict]:
     (l_c, g_c), (l_x, g_x), (l_u, _) = (loss_and_grads("cudnn", True),
                                         loss_and_grads("xla", True),
                                         loss_and_grads("xla", False))
-    grad_err = max(_max_err(a, c) / (float(jnp.max(jnp.abs(c))) + 1e-30)
-                   for a, c in zip(jax.tree.leaves(g_c), jax.tree.leaves(g_x)))
+    grad_err = _max_rel_err(g_c, g_x)
     out.append({"check": "model loss, packed documents, cudnn vs xla",
                 "loss_cudnn": float(l_c), "loss_xla": float(l_x), "loss_unmasked": float(l_u),
                 "grad_rel_err": grad_err,
@@ -184,7 +186,8 @@ def main(argv: list[str]) -> int:
     lines += ["", "### Attention backends", "", attn]
   if train:
     lines += ["", "### Train step (1B shape, 4 layers)", "",
-              "| activation | step (ms) | tokens/s | MFU | peak (MiB) |", "|---|---:|---:|---:|---:|"]
+              "| activation | step (ms) | tokens/s | MFU | peak (MiB) |",
+              "|---|---:|---:|---:|---:|"]
     fmt = lambda v, spec: "n/a" if v is None else format(v, spec)
     for act, r in train.items():
       lines.append(f"| {act} | {r['step_ms']:.1f} | {r['tokens_per_sec']:,.0f} | "

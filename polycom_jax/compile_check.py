@@ -18,10 +18,12 @@ gradient-accumulation loop (config.train.micro_batch_size): the train step's cos
 by the number of micro-batches.
 
 For the target backend, "auto" settings resolve as on a TPU: config.model.activation_impl
-"auto" -> "pallas" (so the fused kernels go through the Mosaic compile), attention_impl "auto" ->
-"splash" (XLA when seq_len is not a multiple of 128) and dtype "auto" -> "bfloat16". XLA's cost analysis does not see inside a Pallas call:
-with splash, the attention FLOPs are missing from "XLA FLOPs" (the model formula counts them). config.data.tokenizer falls back to the byte tokenizer when no tokenizer_path is
-given (only the vocabulary size check and the eval step's byte table use it).
+"auto" -> "pallas" (so the fused kernels go through the Mosaic compile), attention_impl "auto"
+-> "splash" (XLA when seq_len is not a multiple of 128) and dtype "auto" -> "bfloat16". XLA's
+cost analysis does not see inside a Pallas call: with splash, the attention FLOPs are missing
+from "XLA FLOPs" (the model formula counts them). config.data.tokenizer falls back to the byte
+tokenizer when no tokenizer_path is given (only the vocabulary size check and the eval step's
+byte table use it).
 """
 
 from __future__ import annotations

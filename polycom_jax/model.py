@@ -259,6 +259,11 @@ class Block(nnx.Module):
     return x + self.mlp(self.mlp_norm(x)), new_cache
 
 
+def head_logits(x: jax.Array, head: jax.Array) -> jax.Array:
+  """Logits [..., V] (float32) of final hidden states x [..., D] under the head [D, V]."""
+  return constrain((x @ head).astype(jnp.float32), LOGITS)
+
+
 class Transformer(nnx.Module):
   """The language model: tokens [B, T] -> logits [B, T, vocab] (float32)."""
 
@@ -288,7 +293,7 @@ class Transformer(nnx.Module):
     """Logits [B, T, V] (float32) for tokens; with `cache` (from init_cache) also returns the
     updated cache."""
     x, new_cache = self.hidden(tokens, positions, segment_ids, cache, cache_index)
-    logits = constrain((x @ self.head()).astype(jnp.float32), LOGITS)          # [B, T, V]
+    logits = head_logits(x, self.head())                                       # [B, T, V]
     return logits if cache is None else (logits, new_cache)
 
   def head(self) -> jax.Array:

@@ -15,7 +15,6 @@ from polycom_jax import moe as moe_lib
 from polycom_jax import optimizer as opt_lib
 from polycom_jax import param_layouts
 from polycom_jax import sharding as sharding_lib
-from polycom_jax.layers import LOGITS
 from polycom_jax.setup import Setup
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
@@ -30,7 +29,7 @@ def loss_chunk_len(seq_len: int, loss_chunk: int) -> int:
 
 def _head_nll(x: jax.Array, head: jax.Array, targets: jax.Array):
   """nll and log-partition [B, C] (float32) of hidden states x [B, C, D] under head [D, V]."""
-  logits = sharding_lib.constrain((x @ head).astype(jnp.float32), LOGITS)      # [B, C, V]
+  logits = model_lib.head_logits(x, head)                                      # [B, C, V]
   logz = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   return logz - target_logit, logz
