@@ -41,8 +41,11 @@ def get_config() -> ml_collections.ConfigDict:
   m.param_dtype = "float32"
   m.attention_impl = "auto"     # auto (TPU splash, GPU cudnn, CPU xla), xla, cudnn, splash
   m.document_mask = True        # packed sequences: attend only within the same document
-  m.remat = "none"              # none, full, save_matmuls, selective, save_names (remat.py)
+  m.remat = "none"              # none, full, offload, save_matmuls, selective, save_names
+                                # (remat.py says what each keeps)
   m.remat_save_names = ""       # remat="save_names": which to keep, e.g. "q,k,v,attn_out"
+  m.mlp_chunk = 0               # > 0: the dense MLP runs this many positions at a time (its
+                                # backward then holds [B, mlp_chunk, d_ff], not [B, T, d_ff])
   m.scan_layers = False         # stack layers and scan over them (faster compiles at depth)
   # Mixture of experts (0 experts = dense).
   m.num_experts = 0

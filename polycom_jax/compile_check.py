@@ -82,14 +82,11 @@ def get_topology_devices(name: str) -> list:
 
 
 def prepare_config(config):
-  """Resolves "auto" settings as on a TPU and avoids needing a tokenizer file."""
+  """The fused activation as on a TPU (setup resolves dtype and attention for the topology's
+  platform) and no need for a tokenizer file."""
   with config.unlocked():
     if config.model.get("activation_impl", "auto") == "auto":
       config.model.activation_impl = "pallas"
-    if config.model.get("dtype", "auto") == "auto":
-      config.model.dtype = "bfloat16"
-    if config.model.get("attention_impl", "auto") == "auto":   # as setup resolves it on a TPU
-      config.model.attention_impl = "splash" if config.data.seq_len % 128 == 0 else "xla"
     if config.data.tokenizer != "byte" and not config.data.tokenizer_path:
       config.data.tokenizer = "byte"
   return config
@@ -132,6 +129,7 @@ class StepReport:
   bytes_accessed: float
   mosaic_kernels: int      # Pallas TPU kernels (Mosaic custom calls) in the compiled step
   oom: str = ""            # the TPU compiler's out-of-memory message, when it gave up
+  host_temp: int = 0       # host memory the step uses (remat "offload": the block inputs)
 
   @property
   def total(self) -> int:
@@ -171,7 +169,8 @@ def compile_step(name: str, jitted, *args, argument_bytes: int = 0) -> StepRepor
                     m.alias_size_in_bytes, m.temp_size_in_bytes,
                     m.generated_code_size_in_bytes, float(cost.get("flops", float("nan"))),
                     float(cost.get("bytes accessed", float("nan"))),
-                    compiled.as_text().count('custom_call_target="tpu_custom_call"'))
+                    compiled.as_text().count('custom_call_target="tpu_custom_call"'),
+                    host_temp=m.host_temp_size_in_bytes)
 
 
 def compile_steps(config, devices, skip_eval: bool = False):
@@ -207,10 +206,15 @@ def _with_model(config, **fields):
 
 def unrolled_costs(config, devices, reports):
   """Sets each report's flops / bytes_accessed to the full-depth cost, extrapolated from
-  unrolled 1- and 2-layer compiles (a scanned step's cost analysis counts its body once)."""
+  unrolled 1- and 2-layer compiles (a scanned step's cost analysis counts its body once). The
+  MLP's and the loss's sequence chunks are loops too, so these compiles run them whole: the
+  chunks add no matmuls (each chunk is recomputed in place of the whole)."""
   layers = config.model.num_layers
+  unrolled = _with_model(config, scan_layers=False, mlp_chunk=0)
+  with unrolled.unlocked():
+    unrolled.train.loss_chunk = 0
   small = [{r.name: r for r in compile_steps(
-      _with_model(config, num_layers=n, scan_layers=False), devices,
+      _with_model(unrolled, num_layers=n), devices,
       skip_eval=all(r.name != "eval" for r in reports))[1]} for n in (1, 2)]
   for r in reports:
     one, two = small[0][r.name], small[1][r.name]
@@ -283,7 +287,9 @@ def run(config, topology: str, skip_eval: bool = False, max_batch: bool = False,
   t = config.train
   notes = []
   compiled = [r for r in reports if not r.oom]
-  if mc.scan_layers and compiled:
+  looped = (mc.scan_layers or mc.mlp_chunk
+            or steps_lib.loss_chunk_len(config.data.seq_len, t.loss_chunk) < config.data.seq_len)
+  if looped and compiled:
     unrolled_costs(config, devices, compiled)
     notes.append("unrolled 1-, 2-layer extrapolation")
   accum = t.global_batch_size // t.micro_batch_size if t.micro_batch_size else 1
@@ -301,7 +307,7 @@ def run(config, topology: str, skip_eval: bool = False, max_batch: bool = False,
             "mesh": dict(s.mesh.shape), "hbm_bytes": hbm, "param_bytes": params_b,
             "opt_state_bytes": opt_b, "num_params": model_lib.num_params(mc),
             "num_layers": mc.num_layers, "scan_layers": mc.scan_layers,
-            "attention_impl": mc.attention_impl, "remat": mc.remat,
+            "attention_impl": mc.attention_impl, "remat": mc.remat, "mlp_chunk": mc.mlp_chunk,
             "activation": mc.activation, "global_batch_size": t.global_batch_size,
             "seq_len": seq, "model_flops_per_chip": model_flops,
             "steps": {r.name: dataclasses.asdict(r) | {"total": r.total} for r in reports}}
@@ -314,7 +320,8 @@ def run(config, topology: str, skip_eval: bool = False, max_batch: bool = False,
   w(f"mesh ({mesh}); model {model_lib.num_params(mc) / 1e6:.1f}M params, "
     f"{mc.num_layers} layers{' (scanned)' if mc.scan_layers else ''}, activation "
     f"{mc.activation} ({mc.activation_impl}), attention {mc.attention_impl}, dtype {mc.dtype}, "
-    f"remat {mc.remat}, loss chunk {steps_lib.loss_chunk_len(seq, t.loss_chunk)}; global batch "
+    f"remat {mc.remat}, mlp chunk {mc.mlp_chunk or 'none'}, loss chunk "
+    f"{steps_lib.loss_chunk_len(seq, t.loss_chunk)}; global batch "
     f"{t.global_batch_size} x seq {seq} (micro-batch {t.micro_batch_size or 'none'})")
   w()
   w("| per chip | " + " | ".join(r.name for r in reports) + " |")
@@ -328,6 +335,7 @@ def run(config, topology: str, skip_eval: bool = False, max_batch: bool = False,
       ("activations / temp", [g(r.temp) for r in reports]),
       ("total", [g(r.total) + (" + (compiler out of memory)" if r.oom else "")
                  for r in reports]),
+      ("host memory (offloaded, not in the total)", [g(r.host_temp) for r in reports]),
       ("HBM", [g(hbm) if hbm else "?" for r in reports]),
       ("fits", ["yes" if r.fits(hbm) else "NO" for r in reports]),
       (f"XLA FLOPs{flops_note}", [f"{r.flops:.3e}" if not r.oom else "-" for r in reports]),

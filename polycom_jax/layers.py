@@ -70,3 +70,16 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def over_sequence_chunks(fn, x: jax.Array, chunk: int) -> jax.Array:
+  """fn(x) for a position-wise fn of x [B, T, ...], computed `chunk` positions at a time, each
+  chunk under jax.checkpoint: the backward pass then holds one chunk's intermediates (for the
+  MLP, [B, chunk, d_ff] instead of [B, T, d_ff]) and recomputes them from the chunk's input.
+  Unchunked when chunk is 0 or does not divide T (decoding, short prompts)."""
+  b, t = x.shape[:2]
+  if not chunk or t <= chunk or t % chunk:
+    return fn(x)
+  xs = x.reshape(b, t // chunk, chunk, *x.shape[2:]).swapaxes(0, 1)    # [T/chunk, B, chunk, ...]
+  ys = jax.lax.map(jax.checkpoint(fn, prevent_cse=False), xs)
+  return ys.swapaxes(0, 1).reshape(b, t, *ys.shape[3:])

@@ -142,7 +142,8 @@ def _resume_or_init(s: setup_lib.Setup, checkpointer, config_dict: dict, train_i
   saved), or a fresh state at step 0."""
   mc = s.model_config
   log(f"model: {model_lib.num_params(mc):,} parameters, activation {mc.activation}, "
-      f"attention {mc.attention_impl}, {mc.dtype}, remat {mc.remat}; mesh {dict(s.mesh.shape)}")
+      f"attention {mc.attention_impl}, {mc.dtype}, remat {mc.remat}"
+      f"{f', mlp chunk {mc.mlp_chunk}' if mc.mlp_chunk else ''}; mesh {dict(s.mesh.shape)}")
   if not checkpointer.steps():
     log("initialised the parameters")
     return 0, setup_lib.init_state(s)

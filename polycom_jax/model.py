@@ -23,7 +23,8 @@ from polycom_jax import attention
 from polycom_jax import moe
 from polycom_jax import remat
 from polycom_jax.config_errors import require
-from polycom_jax.layers import DTYPES, HIDDEN, LOGITS, RESIDUAL, RMSNorm, param, rope
+from polycom_jax.layers import (DTYPES, HIDDEN, LOGITS, RESIDUAL, RMSNorm, over_sequence_chunks,
+                                param, rope)
 from polycom_jax.sharding import constrain
 
 # QK-norm: none; "head": an RMSNorm over each head's Dh (Qwen3); "projection": over the whole
@@ -59,6 +60,7 @@ class ModelConfig:
   document_mask: bool = False
   remat: str = "none"
   remat_save_names: str = ""          # remat="save_names": which of remat.NAMES to keep
+  mlp_chunk: int = 0                  # > 0: the dense MLP runs this many positions at a time
   scan_layers: bool = False
   num_experts: int = 0
   num_experts_per_tok: int = 0
@@ -87,9 +89,11 @@ class ModelConfig:
     return self.output_init_std or self.init_std
 
   @classmethod
-  def from_config(cls, model: Any) -> ModelConfig:
+  def from_config(cls, model: Any, platform: str | None = None) -> ModelConfig:
     """Resolves config.model (a ConfigDict or a dict) into a validated ModelConfig: d_ff,
-    head_dim, and dtype and attention_impl "auto" (by the platform)."""
+    head_dim, and dtype and attention_impl "auto" by the platform it will run on (default:
+    JAX's default backend; the compile check passes "tpu")."""
+    platform = platform or jax.default_backend()
     m = dict(model.to_dict() if hasattr(model, "to_dict") else model)
     act = activations.get(m.get("activation", "polynorm"))
     require(m.get("num_heads", 0) > 0, "config.model.num_heads", "must be > 0")
@@ -108,8 +112,9 @@ class ModelConfig:
     if isinstance(m.get("qk_norm"), bool):   # configs and checkpoints before the kinds
       m["qk_norm"] = "head" if m["qk_norm"] else "none"
     if m.get("dtype", "auto") == "auto":
-      m["dtype"] = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    m["attention_impl"] = attention.resolve_impl(m.get("attention_impl", "auto"), m["dtype"])
+      m["dtype"] = "float32" if platform == "cpu" else "bfloat16"
+    m["attention_impl"] = attention.resolve_impl(m.get("attention_impl", "auto"), m["dtype"],
+                                                 platform)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(m) - known)
     require(not unknown, "config.model", f"has unknown fields {unknown}")
@@ -140,6 +145,9 @@ def _validate(c: ModelConfig):
     require(getattr(c, name) in DTYPES, f"config.model.{name}",
             f"must be one of {tuple(DTYPES)} (or auto), got {getattr(c, name)!r}")
   remat.check(c.remat, c.remat_save_names)
+  require(c.mlp_chunk >= 0, "config.model.mlp_chunk", f"must be >= 0, got {c.mlp_chunk}")
+  require(not (c.mlp_chunk and c.num_experts), "config.model.mlp_chunk",
+          "applies to the dense MLP only (the MoE routes and balances over all tokens); set 0")
   require(c.attention_impl in attention.IMPLS[1:], "config.model.attention_impl",
           f"must be one of {attention.IMPLS}, got {c.attention_impl!r}")
   require(c.init_std > 0, "config.model.init_std", f"must be > 0, got {c.init_std}")
@@ -248,15 +256,19 @@ class Block(nnx.Module):
 
   def __init__(self, c: ModelConfig, rngs: nnx.Rngs):
     pd = DTYPES[c.param_dtype]
+    self.mlp_chunk = c.mlp_chunk
     self.attn_norm = RMSNorm(c.d_model, c.norm_eps, c.compute_dtype, pd)
     self.attn = Attention(c, rngs)
     self.mlp_norm = RMSNorm(c.d_model, c.norm_eps, c.compute_dtype, pd)
     self.mlp = moe.MoE(c, rngs) if c.num_experts else MLP(c, rngs)
 
   def __call__(self, x, positions, segment_ids, cache=None, cache_index=None):
+    x = checkpoint_name(x, remat.BLOCK_INPUT)
     h, new_cache = self.attn(self.attn_norm(x), positions, segment_ids, cache, cache_index)
     x = x + h
-    return x + self.mlp(self.mlp_norm(x)), new_cache
+    # Position-wise, so it can run a chunk of the sequence at a time (config.model.mlp_chunk).
+    mlp = over_sequence_chunks(lambda y: self.mlp(self.mlp_norm(y)), x, self.mlp_chunk)
+    return x + mlp, new_cache
 
 
 def head_logits(x: jax.Array, head: jax.Array) -> jax.Array:

@@ -2,6 +2,11 @@
 
   none          everything (no recompute)
   full          only the block's input; the whole block runs again in the backward pass
+  offload       as full, but the block inputs (2 * T * D bytes per sequence and layer in bf16)
+                wait in host memory (pinned_host) instead of HBM, and come back one layer at a
+                time in the backward pass: HBM for a batch no longer grows with the depth, at
+                the price of a host round trip per layer, hidden behind compute when the link
+                keeps up
   save_matmuls  every matmul output without a batch dimension (the weight matmuls)
   selective     Megatron's selective recompute: the tensors in NAMES (the q/k/v projections,
                 attention's output and splash's softmax statistics, the MLP's matmul and
@@ -18,7 +23,8 @@ import jax
 
 from polycom_jax.config_errors import require
 
-POLICIES = ("none", "full", "save_matmuls", "selective", "save_names")
+POLICIES = ("none", "full", "offload", "save_matmuls", "selective", "save_names")
+BLOCK_INPUT = "block_input"    # the name the model gives a block's input (policy "offload")
 NAMES = ("q", "k", "v", "attn_out", "attn_residuals", "attn_proj", "mlp_up", "mlp_gate",
          "mlp_act", "mlp_out")
 
@@ -44,4 +50,8 @@ def policy(name: str, save_names: str = ""):
     return policies.save_only_these_names(*NAMES)
   if name == "save_names":
     return policies.save_only_these_names(*_names(save_names))
+  if name == "offload":
+    return policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=[BLOCK_INPUT],
+        offload_src="device", offload_dst="pinned_host")
   return {"full": None, "save_matmuls": policies.checkpoint_dots_with_no_batch_dims}[name]

@@ -51,9 +51,11 @@ class Setup:
     return self.config.train.global_batch_size // jax.process_count()
 
 
-def validate_config(config: ml_collections.ConfigDict) -> model_lib.ModelConfig:
-  """Checks every training field and the model config; returns the resolved ModelConfig."""
-  mc = model_lib.ModelConfig.from_config(config.model)
+def validate_config(config: ml_collections.ConfigDict,
+                    platform: str | None = None) -> model_lib.ModelConfig:
+  """Checks every training field and the model config; returns the ModelConfig resolved for
+  `platform` (default: JAX's default backend)."""
+  mc = model_lib.ModelConfig.from_config(config.model, platform)
   t = config.train
   for name in ("num_steps", "global_batch_size", "log_every"):
     require(t[name] > 0, f"config.train.{name}", f"must be > 0, got {t[name]}")
@@ -79,6 +81,8 @@ def validate_config(config: ml_collections.ConfigDict) -> model_lib.ModelConfig:
   require(config.data.seq_len > 1, "config.data.seq_len", f"must be > 1, got {config.data.seq_len}")
   require(config.data.seq_len <= mc.max_seq_len, "config.data.seq_len",
           f"({config.data.seq_len}) is longer than config.model.max_seq_len ({mc.max_seq_len})")
+  require(not mc.mlp_chunk or config.data.seq_len % mc.mlp_chunk == 0, "config.model.mlp_chunk",
+          f"({mc.mlp_chunk}) must divide config.data.seq_len ({config.data.seq_len})")
   if mc.attention_impl == "splash" and config.data.seq_len % 128:
     require(config.model.get("attention_impl", "auto") == "auto", "config.model.attention_impl",
             f"'splash' needs config.data.seq_len to be a multiple of 128, got "
@@ -100,7 +104,7 @@ def check_batch_divisible(batch: int, field: str, mesh: Mesh, rules):
 
 def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
   """Validates the config, builds the mesh, tokenizer and abstract state. Compiles nothing."""
-  mc = validate_config(config)
+  mc = validate_config(config, devices[0].platform if devices else None)
   mesh = sharding_lib.make_mesh(config.mesh, devices)
   rules = sharding_lib.rules_from_config(config.mesh)
   t = config.train

@@ -179,3 +179,10 @@ def test_splash_needs_rows_of_multiples_of_128():
   config.model.attention_impl = "splash"
   with pytest.raises(ConfigError, match="'splash' needs config.data.seq_len to be a multiple"):
     setup_lib.validate_config(config)
+  # auto, resolved for the platform the run targets (the compile check: the topology's "tpu").
+  config.model.attention_impl, config.model.dtype = "auto", "auto"
+  assert setup_lib.validate_config(config, "tpu").attention_impl == "xla"   # 32 positions
+  config.data.seq_len = config.model.max_seq_len = 256
+  on_tpu = setup_lib.validate_config(config, "tpu")
+  assert (on_tpu.attention_impl, on_tpu.dtype) == ("splash", "bfloat16")
+  assert setup_lib.validate_config(config).attention_impl == "xla"          # this CPU

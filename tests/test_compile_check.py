@@ -169,6 +169,27 @@ def test_gradient_accumulation_reports_the_whole_step_flops(tmp_path):
 
 
 @needs_libtpu
+def test_offloaded_remat_and_mlp_chunks_shrink_device_memory_not_flops(tmp_path):
+  """remat=offload puts the block inputs in host memory (reported, and out of the HBM
+  total) and mlp_chunk runs the MLP a quarter of the sequence at a time: less device temp at
+  the same FLOPs (the MLP's and the loss's chunk loops are counted whole, within 5%)."""
+  results = {}
+  for name, extra in (("full", ()), ("lean", ("--config.model.remat=offload",
+                                              "--config.model.mlp_chunk=128"))):
+    out = tmp_path / f"{name}.json"
+    proc = run_tool("--topology=v5e:2x2", "--skip_eval", "--config.train.global_batch_size=8",
+                    "--config.data.seq_len=512", "--config.model.max_seq_len=512",
+                    "--config.train.loss_chunk=128", "--config.model.remat=full",
+                    "--config.model.scan_layers=True", *extra, json_out=out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results[name] = json.loads(out.read_text())["steps"]["train"]
+  full, lean = results["full"], results["lean"]
+  assert full["host_temp"] == 0 and lean["host_temp"] > 0, (full, lean)
+  assert lean["temp"] < full["temp"], (full["temp"], lean["temp"])
+  np.testing.assert_allclose(lean["flops"], full["flops"], rtol=0.05)
+
+
+@needs_libtpu
 def test_max_batch_finds_the_boundary(tmp_path):
   """--max_batch: the batch it reports compiled and fit, the next multiple of the data-parallel
   size compiled and did not (the search's own log, from real compiles for a 16 GiB v5e)."""

@@ -185,7 +185,7 @@ def test_rope_scores_depend_only_on_the_position_difference():
   assert np.max(np.abs(score(10, 7) - score(7, 7))) > 1e-2
 
 
-@pytest.mark.parametrize("policy", ["full", "save_matmuls", "selective", "save_names"])
+@pytest.mark.parametrize("policy", ["full", "offload", "save_matmuls", "selective", "save_names"])
 def test_remat_gives_the_same_gradients(policy):
   # Recomputation may fuse differently: float32 rounding, ~1e-6 of each gradient's scale.
   for (p, a), (_, b) in zip(_gradients("none"), _gradients(policy)):
@@ -229,6 +229,33 @@ def test_selective_remat_recomputes_the_attention_scores_and_keeps_the_projectio
     _model_config(remat="save_names", remat_save_names="q,scores")
 
 
+def test_offload_remat_sends_the_block_inputs_to_host_memory():
+  """Under "offload" each block's saved [B, T, D] input is the output of a device_put (to
+  pinned_host; the TPU compile check shows the bytes in host memory); "full" saves the same
+  tensors in place."""
+  def moved(policy):
+    c = _model_config(remat=policy)
+    return [s for s, why in _saved(c, _tokens(c)) if "device_put" in why]
+  assert moved("offload") == [(2, 12, 128)] * 2 and moved("full") == []
+
+
+def test_chunked_mlp_equals_the_whole_sequence_and_keeps_no_full_hidden_state():
+  """mlp_chunk=4 of 12 positions: the same logits and gradients (float32, to rounding), and
+  the backward keeps no [B, T, d_ff] hidden state (each chunk's is recomputed)."""
+  whole, chunked = _model_config(), _model_config(mlp_chunk=4)
+  tokens = _tokens(whole)
+  value_and_grad = nnx.jit(nnx.value_and_grad(lambda m: jnp.mean(m(tokens) ** 2)))
+  loss, grads = value_and_grad(model.Transformer(whole, nnx.Rngs(0)))
+  loss_c, grads_c = value_and_grad(model.Transformer(chunked, nnx.Rngs(0)))
+  np.testing.assert_allclose(loss_c, loss, rtol=1e-6)
+  for (p, a), (_, b) in zip(nnx.to_flat_state(grads), nnx.to_flat_state(grads_c)):
+    np.testing.assert_allclose(b[...], a[...], rtol=1e-5,
+                               atol=1e-6 * float(np.max(np.abs(a[...]))), err_msg=str(p))
+  # Hidden states [B, T, d_ff] (or stacked chunks of them), not the [D, d_ff] weights.
+  hidden = lambda c: [s for s, _ in _saved(c, tokens) if len(s) >= 3 and s[-1] == c.d_ff]
+  assert hidden(whole) and not hidden(chunked), hidden(chunked)
+
+
 def test_flops_per_token_by_hand():
   c = _model_config(activation="gelu", num_layers=2, d_model=64, num_heads=4, num_kv_heads=2,
                     head_dim=0, d_ff=256, vocab_size=128)
@@ -247,6 +274,8 @@ def test_flops_per_token_by_hand():
     ({"vocab_size": -1}, "config.model.vocab_size"),
     ({"dtype": "float8"}, "config.model.dtype"),
     ({"remat": "some"}, "config.model.remat"),
+    ({"mlp_chunk": -1}, "config.model.mlp_chunk"),
+    ({"mlp_chunk": 4, "num_experts": 4, "num_experts_per_tok": 2}, "config.model.mlp_chunk"),
     ({"activation_impl": "triton"}, "config.model.activation_impl"),
     ({"rope_theta": 0.0}, "config.model.rope_theta"),           # trained NaN to "done" before
     ({"qk_norm": "per_layer"}, "config.model.qk_norm"),

@@ -306,6 +306,7 @@ def test_eval_on_a_read_only_workdir_still_returns_the_numbers(finished_run, mon
     ("model.vocab_size", 128, r"config\.model\.vocab_size \(128\) is smaller than the tokenizer"),
     ("data.seq_len", 100, r"config\.data\.seq_len \(100\) is longer than config\.model\.max_seq_len"),
     ("train.micro_batch_size", 3, r"config\.train\.micro_batch_size \(3\) must divide"),
+    ("model.mlp_chunk", 5, r"config\.model\.mlp_chunk \(5\) must divide config\.data\.seq_len"),
     ("train.nonfinite_policy", "ignore", r"config\.train\.nonfinite_policy"),
     ("train.b1", 1.5, r"config\.train\.b1 must be in \[0, 1\), got 1.5"),
     ("train.b2", 1.0, r"config\.train\.b2 must be in \[0, 1\)"),
