@@ -20,7 +20,8 @@ rematerialisation and the layers scanned (one compiled block). attention_impl au
 attention on TPU and cuDNN's flash attention on GPU (bf16), like the reference's flash attention,
 and the loss runs 512 positions at a time (train.loss_chunk). Compiled ahead of time for a v5e-16
 (16 GiB per chip): 0.94 GiB of state + 6.3 GiB of scratch per chip at the paper's batch; the
-largest batch that fits is 160 (benchmarks/RESULTS.md, "TPU compile check"). Megatron's
+largest batch that fits is 160, and 800 with --config.model.remat=offload (block inputs in host
+memory) --config.model.mlp_chunk=512 (benchmarks/RESULTS.md, "TPU compile check"). Megatron's
 selective recompute, as the reference ran it: --config.model.remat=selective (more memory, fewer
 FLOPs; for chips with more HBM). With less memory,
 --config.train.micro_batch_size=32 (gradient accumulation) roughly halves the scratch. Several

@@ -169,23 +169,28 @@ def test_gradient_accumulation_reports_the_whole_step_flops(tmp_path):
 
 
 @needs_libtpu
-def test_offloaded_remat_and_mlp_chunks_shrink_device_memory_not_flops(tmp_path):
-  """remat=offload puts the block inputs in host memory (reported, and out of the HBM
-  total) and mlp_chunk runs the MLP a quarter of the sequence at a time: less device temp at
-  the same FLOPs (the MLP's and the loss's chunk loops are counted whole, within 5%)."""
+def test_offloaded_remat_and_mlp_chunks_keep_the_flops_and_move_the_block_inputs(tmp_path):
+  """remat=offload puts the block inputs in host memory: exactly layers x sequences per chip x
+  seq x d_model bf16 values, reported apart from the HBM total; with mlp_chunk (a quarter of
+  the sequence at a time) too, the FLOPs stay those of the plain step (the MLP's and the
+  loss's chunk loops are counted whole, within 5%). At this size the bookkeeping outweighs
+  what they save; the device memory they save at paper scale is measured in
+  benchmarks/RESULTS.md ("Memory per sequence")."""
+  layers, chips, batch, seq, d_model = 2, 4, 16, 512, 256
+  shape = (f"--config.model.num_layers={layers}", f"--config.model.d_model={d_model}",
+           "--config.model.ungated_d_ff=2048", f"--config.data.seq_len={seq}",
+           f"--config.model.max_seq_len={seq}", f"--config.train.global_batch_size={batch}",
+           "--config.train.loss_chunk=128", "--config.model.scan_layers=True")
   results = {}
-  for name, extra in (("full", ()), ("lean", ("--config.model.remat=offload",
-                                              "--config.model.mlp_chunk=128"))):
+  for name, extra in (("full", ("--config.model.remat=full",)),
+                      ("lean", ("--config.model.remat=offload", "--config.model.mlp_chunk=128"))):
     out = tmp_path / f"{name}.json"
-    proc = run_tool("--topology=v5e:2x2", "--skip_eval", "--config.train.global_batch_size=8",
-                    "--config.data.seq_len=512", "--config.model.max_seq_len=512",
-                    "--config.train.loss_chunk=128", "--config.model.remat=full",
-                    "--config.model.scan_layers=True", *extra, json_out=out)
+    proc = run_tool("--topology=v5e:2x2", "--skip_eval", *shape, *extra, json_out=out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results[name] = json.loads(out.read_text())["steps"]["train"]
   full, lean = results["full"], results["lean"]
-  assert full["host_temp"] == 0 and lean["host_temp"] > 0, (full, lean)
-  assert lean["temp"] < full["temp"], (full["temp"], lean["temp"])
+  assert full["host_temp"] == 0
+  assert lean["host_temp"] == layers * (batch // chips) * seq * d_model * 2
   np.testing.assert_allclose(lean["flops"], full["flops"], rtol=0.05)
 
 
