@@ -52,8 +52,10 @@ def get_config() -> ml_collections.ConfigDict:
   m.num_experts_per_tok = 0
   m.moe_ungated_d_ff = 0        # expert MLP width of ungated activations (0: the dense width)
   m.moe_d_ff = 0                # 0: moe_ungated_d_ff, or 2/3 of it for gated ones
-  m.moe_impl = "ragged"         # ragged (dropless grouped matmul) | capacity
-  m.moe_capacity_factor = 1.25
+  m.moe_impl = "ragged"         # ragged (dropless grouped matmul) | capacity | dispatch (expert
+                                # parallel: tokens sent to their experts' devices; moe.py)
+  m.moe_capacity_factor = 1.25  # capacity: per expert; dispatch: per destination device
+  m.moe_matmul = "auto"         # grouped matmuls: auto (megablox on TPU), ragged_dot, megablox
   m.moe_renormalize = False     # renormalise the top-k router weights to sum to 1
   m.moe_aux_loss_weight = 0.01
   m.moe_z_loss_weight = 0.001

@@ -6,22 +6,26 @@ it is a tool/test extra, not a runtime requirement), JAX describes a named TPU s
 CPU machine (jax.experimental.topologies) and compiles for it with the real TPU compiler (XLA TPU
 + Mosaic for the Pallas kernels). `run` builds the mesh from the slice's devices with the
 config's parallelism, lowers and compiles the train step (and the eval step) from abstract shapes
-only, and prints per-chip memory against the chip's HBM, XLA's cost analysis, the model FLOPs
-from the exact formula and the compile times; `max_batch` also searches for the largest global
-batch whose train step fits.
+only, and prints per-chip memory against the chip's HBM (and the host memory of offloaded
+remat), XLA's cost analysis, the bytes of the collectives in the compiled HLO
+(hlo_collectives.py), the model FLOPs from the exact formula and the compile times;
+`max_batch` also searches for the largest global batch whose train step fits.
 
 With config.model.scan_layers (the paper configs' default) the step holds one scanned block, so
 it compiles in seconds at any depth; XLA's cost analysis then counts the loop body once, so the
-FLOPs and bytes reported are extrapolated from unrolled 1- and 2-layer compiles of the same step
-(they are affine in the number of layers): f(L) = f(1) + (L - 1) * (f(2) - f(1)). Likewise the
+FLOPs, bytes and collective bytes reported are extrapolated from unrolled 1- and 2-layer
+compiles of the same step (they are affine in the number of layers):
+f(L) = f(1) + (L - 1) * (f(2) - f(1)); those compiles run the MLP's and the loss's sequence
+chunks (also loops) whole. Likewise the
 gradient-accumulation loop (config.train.micro_batch_size): the train step's cost is multiplied
 by the number of micro-batches.
 
 For the target backend, "auto" settings resolve as on a TPU: config.model.activation_impl
-"auto" -> "pallas" (so the fused kernels go through the Mosaic compile), attention_impl "auto"
--> "splash" (XLA when seq_len is not a multiple of 128) and dtype "auto" -> "bfloat16". XLA's
-cost analysis does not see inside a Pallas call: with splash, the attention FLOPs are missing
-from "XLA FLOPs" (the model formula counts them). config.data.tokenizer falls back to the byte
+"auto" -> "pallas" (so the fused kernels go through the Mosaic compile); setup resolves
+attention_impl "auto" -> "splash" (XLA when seq_len is not a multiple of 128), moe_matmul ->
+"megablox" and dtype -> "bfloat16" for the topology's platform. XLA's cost analysis does not
+see inside a Pallas call: with splash (megablox), the attention (expert matmul) FLOPs are
+missing from "XLA FLOPs" (the model formula counts them). config.data.tokenizer falls back to the byte
 tokenizer when no tokenizer_path is given (only the vocabulary size check and the eval step's
 byte table use it).
 """
@@ -38,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from polycom_jax import hlo_collectives
 from polycom_jax import model as model_lib
 from polycom_jax import setup as setup_lib
 from polycom_jax import sharding as sharding_lib
@@ -130,6 +135,7 @@ class StepReport:
   mosaic_kernels: int      # Pallas TPU kernels (Mosaic custom calls) in the compiled step
   oom: str = ""            # the TPU compiler's out-of-memory message, when it gave up
   host_temp: int = 0       # host memory the step uses (remat "offload": the block inputs)
+  collectives: dict = dataclasses.field(default_factory=dict)   # {kind: result bytes}
 
   @property
   def total(self) -> int:
@@ -137,6 +143,14 @@ class StepReport:
 
   def fits(self, hbm) -> bool:
     return not self.oom and (hbm is None or self.total <= hbm)
+
+
+def _collectives_cell(r: StepReport, g) -> str:
+  """Total collective bytes per chip and the kinds that move any."""
+  if r.oom or not r.collectives:
+    return "-"
+  kinds = ", ".join(f"{k} {g(v)}" for k, v in r.collectives.items() if v)
+  return f"{g(sum(r.collectives.values()))}" + (f" ({kinds})" if kinds else "")
 
 
 def _oom_temp_bytes(message: str) -> int:
@@ -165,12 +179,14 @@ def compile_step(name: str, jitted, *args, argument_bytes: int = 0) -> StepRepor
   dt = time.perf_counter() - t0
   m = compiled.memory_analysis()
   cost = _cost(compiled)
+  text = compiled.as_text()
   return StepReport(name, dt, m.argument_size_in_bytes, m.output_size_in_bytes,
                     m.alias_size_in_bytes, m.temp_size_in_bytes,
                     m.generated_code_size_in_bytes, float(cost.get("flops", float("nan"))),
                     float(cost.get("bytes accessed", float("nan"))),
-                    compiled.as_text().count('custom_call_target="tpu_custom_call"'),
-                    host_temp=m.host_temp_size_in_bytes)
+                    text.count('custom_call_target="tpu_custom_call"'),
+                    host_temp=m.host_temp_size_in_bytes,
+                    collectives=hlo_collectives.collective_bytes(text))
 
 
 def compile_steps(config, devices, skip_eval: bool = False):
@@ -220,6 +236,8 @@ def unrolled_costs(config, devices, reports):
     one, two = small[0][r.name], small[1][r.name]
     r.flops = one.flops + (layers - 1) * (two.flops - one.flops)
     r.bytes_accessed = one.bytes_accessed + (layers - 1) * (two.bytes_accessed - one.bytes_accessed)
+    r.collectives = {k: one.collectives[k] + (layers - 1) * (two.collectives[k] - one.collectives[k])
+                     for k in one.collectives}
 
 
 def largest_batch(config, devices, hbm: int, dp: int, first, out=sys.stdout) -> int:
@@ -298,6 +316,7 @@ def run(config, topology: str, skip_eval: bool = False, max_batch: bool = False,
     # negligible part of the step's cost).
     reports[0].flops *= accum
     reports[0].bytes_accessed *= accum
+    reports[0].collectives = {k: v * accum for k, v in reports[0].collectives.items()}
     notes.append(f"train: x {accum} micro-batches")
   hbm = HBM_BYTES.get(kind)
   n = len(devices)
@@ -343,6 +362,7 @@ def run(config, topology: str, skip_eval: bool = False, max_batch: bool = False,
        [f"{r.bytes_accessed:.3e}" if not r.oom else "-" for r in reports]),
       ("model FLOPs (6N + attention)", [f"{model_flops:.3e}", f"{model_flops / 3:.3e}"]
        [:len(reports)]),
+      (f"collective bytes{flops_note}", [_collectives_cell(r, g) for r in reports]),
       ("Pallas (Mosaic) kernel calls", [str(r.mosaic_kernels) for r in reports]),
       ("compile time", [f"{r.compile_s:.1f} s" for r in reports]),
   ]

@@ -119,7 +119,8 @@ class StepLog:
             "skipped_updates": self.skipped, "tokens_seen": step * self.tokens_per_step,
             "mfu": tps and metrics_lib.mfu(self.flops_per_token, tps, jax.device_count(),
                                            self.device_kind),
-            **{f"moe_{k}": float(m[k]) for k in ("load_balance", "router_z") if k in m}}
+            **{f"moe_{k}": float(m[k]) for k in ("load_balance", "router_z", "dropped")
+               if k in m}}
     if self.eval_due(step):
       s = self.s
       ev = evaluation.evaluate(s, self.eval_step, params, evaluation.eval_batches(

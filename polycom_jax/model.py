@@ -20,8 +20,10 @@ from jax.ad_checkpoint import checkpoint_name
 
 from polycom_jax import activations
 from polycom_jax import attention
+from polycom_jax import grouped_matmul as gmm
 from polycom_jax import moe
 from polycom_jax import remat
+from polycom_jax.model_counts import flops_per_token, num_params  # noqa: F401 (model_lib.*)
 from polycom_jax.config_errors import require
 from polycom_jax.layers import (DTYPES, HIDDEN, LOGITS, RESIDUAL, RMSNorm, over_sequence_chunks,
                                 param, rope)
@@ -67,6 +69,7 @@ class ModelConfig:
   moe_d_ff: int = 0
   moe_impl: str = "ragged"
   moe_capacity_factor: float = 1.25
+  moe_matmul: str = "auto"            # grouped matmuls: auto (TPU megablox), ragged_dot, megablox
   moe_renormalize: bool = False
   moe_aux_loss_weight: float = 0.0
   moe_z_loss_weight: float = 0.0
@@ -115,6 +118,7 @@ class ModelConfig:
       m["dtype"] = "float32" if platform == "cpu" else "bfloat16"
     m["attention_impl"] = attention.resolve_impl(m.get("attention_impl", "auto"), m["dtype"],
                                                  platform)
+    m["moe_matmul"] = gmm.resolve_impl(m.get("moe_matmul", "auto"), platform)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(m) - known)
     require(not unknown, "config.model", f"has unknown fields {unknown}")
@@ -166,6 +170,8 @@ def _validate(c: ModelConfig):
     require(c.moe_d_ff > 0, "config.model.moe_d_ff", f"must be > 0, got {c.moe_d_ff}")
     require(c.moe_impl in moe.MOE_IMPLS, "config.model.moe_impl",
             f"must be one of {moe.MOE_IMPLS}, got {c.moe_impl!r}")
+    require(c.moe_matmul in gmm.IMPLS[1:], "config.model.moe_matmul",
+            f"must be one of {gmm.IMPLS}, got {c.moe_matmul!r}")
     require(c.moe_capacity_factor > 0, "config.model.moe_capacity_factor",
             f"must be > 0, got {c.moe_capacity_factor}")
     for name in ("moe_aux_loss_weight", "moe_z_loss_weight"):
@@ -368,38 +374,3 @@ def init_cache(c: ModelConfig, batch: int, max_len: int) -> list[dict] | dict:
 
 
 # ------------------------------------------------------------------------------------------------
-# Counting
-
-def num_params(c: ModelConfig) -> int:
-  """Exact parameter count from the config (equals the sum of the parameter arrays' sizes)."""
-  act_params = (c.activation_order + 1) if activations.get(c.activation).has_params else 0
-  attn = c.d_model * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
-  attn += {"none": 0, "head": 2 * c.head_dim,
-           "projection": (c.num_heads + c.num_kv_heads) * c.head_dim}[c.qk_norm]
-  per_layer = attn + 2 * c.d_model + _mlp_params(c, act_params)
-  head = 0 if c.tie_embeddings else c.d_model * c.vocab_size
-  return c.vocab_size * c.d_model + c.num_layers * per_layer + c.d_model + head
-
-
-def _mlp_params(c: ModelConfig, act_params: int, active_only: bool = False) -> int:
-  mats = 3 if c.gated else 2
-  if not c.num_experts:
-    return mats * c.d_model * c.d_ff + act_params
-  experts = c.num_experts_per_tok if active_only else c.num_experts
-  act = act_params * (c.num_experts if c.activation_per_expert else 1)
-  return experts * mats * c.d_model * c.moe_d_ff + c.d_model * c.num_experts + act
-
-
-def flops_per_token(c: ModelConfig, seq_len: int) -> float:
-  """Training FLOPs per token (forward + backward = 3x forward), MaxText's convention.
-
-  Counts the matmuls only (elementwise work, norms and activations are not counted): 6 x the
-  matmul parameters a token passes through (for MoE, the active experts and the router), the
-  output head included and the embedding lookup excluded, plus causal attention
-  (QK^T and AV, halved for the causal mask): 6 * layers * seq_len * heads * head_dim.
-  """
-  attn_proj = c.d_model * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
-  mlp = _mlp_params(c, 0, active_only=True)
-  matmul_params = c.num_layers * (attn_proj + mlp) + c.d_model * c.vocab_size
-  attention = 6 * c.num_layers * seq_len * c.num_heads * c.head_dim
-  return 6.0 * matmul_params + attention

@@ -10,9 +10,15 @@ outputs are summed with the router weights. Two ways to compute it:
   matmuls.
 Under a mesh both run per shard (shard_map): each device routes its own N tokens against every
 expert's weights, gathered layer by layer as FSDP gathers dense weights (the `expert` and `fsdp`
-axes split the weights' storage and the tokens; no all-to-all), and the router statistics are
-summed over the shards, so the losses equal the one-device ones; capacity is then per shard. The
-fused Pallas activation runs inside as on one device. A `tensor` axis does not split this work.
+axes split the weights' storage and the tokens; no all-to-all); capacity is then per shard.
+- "dispatch" (expert parallel, moe_dispatch.py): the experts stay on the devices of the
+  `expert` axis that hold them and the tokens are sent there and back by all_to_all, with a
+  per-destination buffer of capacity_factor * N * k / P rows (dropless at capacity_factor >= P;
+  the dropped fraction is the `moe_dropped` metric). Off a mesh it equals "ragged".
+Either way the router statistics are summed over the shards, so the losses equal the one-device
+ones. The grouped matmuls are grouped_matmul.py's (config.model.moe_matmul: megablox on TPU).
+The fused Pallas activation runs inside as on one device. A `tensor` axis does not split this
+work.
 The layer records the Switch/OLMoE load-balancing loss and the router z-loss as
 nnx.Intermediate values; `aux_losses(model)` collects them for the training loss.
 
@@ -32,14 +38,24 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from polycom_jax import activations
+from polycom_jax import grouped_matmul as gmm
+from polycom_jax import moe_dispatch
 from polycom_jax import sharding
 from polycom_jax.layers import DTYPES, RESIDUAL, constant_param, param
 
-MOE_IMPLS = ("ragged", "capacity")
+MOE_IMPLS = ("ragged", "capacity", "dispatch")
 
 
 class RouterStats(nnx.Intermediate):
   """Per-layer auxiliary losses of the router, read by aux_losses() after a forward pass."""
+
+
+def aux_names(c) -> tuple[str, ...]:
+  """What aux_losses returns for config c: the two router losses, and for "dispatch" the
+  fraction of assignments its buffers dropped (a metric, not a loss)."""
+  if not c.num_experts:
+    return ()
+  return ("load_balance", "router_z") + (("dropped",) if c.moe_impl == "dispatch" else ())
 
 
 def route(logits: jax.Array, k: int, renormalize: bool):
@@ -107,29 +123,43 @@ class MoE(nnx.Module):
     w = self._weights()
     activate = functools.partial(self.spec.apply, impl=c.activation_impl)
     layout = sharding.active_layout(RESIDUAL)
-    tokens_fn = _ragged_tokens if c.moe_impl == "ragged" else _capacity_tokens
+    tokens_fn = {"ragged": _ragged_tokens, "capacity": _capacity_tokens,
+                 "dispatch": _dispatch_tokens}[c.moe_impl]
     if layout is not None and _splits_rows(layout, b):
-      # Each device routes and computes its own tokens against all experts' weights (gathered
-      # per layer, like FSDP). Left to GSPMD, the global sort (ragged) or position cumsum
-      # (capacity) over every token would be replicated on every chip.
+      # Each device routes and computes its own tokens. Left to GSPMD, the global sort
+      # (ragged) or position cumsum (capacity) over every token would be replicated on every
+      # chip. The gather paths take all experts' weights (gathered per layer, like FSDP);
+      # dispatch keeps each device's own experts and sends tokens over the expert axis.
       mesh, spec = layout
       axes = spec[0]
+      _, expert_spec = sharding.active_layout(("expert",))
+      ep_axes = expert_spec[0] if c.moe_impl == "dispatch" else None
+      ep = math.prod(mesh.shape[a] for a in sharding.axes_of(ep_axes))
+      per_expert = lambda name: name.startswith("w_") or (
+          name.startswith("act_") and c.activation_per_expert)
+      w_specs = {name: P(ep_axes) if per_expert(name) else P() for name in w}
 
       def per_shard(x, w):
         with sharding.per_shard():
-          y, sums = tokens_fn(x.reshape(-1, d), w, c=c, activate=activate)
+          y, sums = tokens_fn(x.reshape(-1, d), w, c=c, activate=activate,
+                              matmul_impl=c.moe_matmul, ep_axes=ep_axes, ep=ep)
         return y.reshape(x.shape), jax.tree.map(lambda v: jax.lax.psum(v, axes), sums)
       # check_vma off: a Pallas call inside does not declare how its output varies.
-      y, sums = jax.shard_map(per_shard, mesh=mesh, in_specs=(spec, P()),
+      y, sums = jax.shard_map(per_shard, mesh=mesh, in_specs=(spec, w_specs),
                               out_specs=(spec, P()), check_vma=False)(x, w)
     else:
       # Off a mesh, or rows that do not split evenly over it: then GSPMD partitions the layer
-      # (and the activation takes its jnp path, since GSPMD cannot partition a Pallas call).
-      y, sums = tokens_fn(x.reshape(b * t, d), w, c=c, activate=activate)
+      # (and the activation and grouped matmuls take their XLA paths, since GSPMD cannot
+      # partition a Pallas call).
+      impl = c.moe_matmul if layout is None else "ragged_dot"
+      y, sums = tokens_fn(x.reshape(b * t, d), w, c=c, activate=activate, matmul_impl=impl,
+                          ep_axes=None, ep=1)
       y = y.reshape(b, t, d)
     # Set on every call (not at construction) so the params-only state still merges.
     self.load_balance = RouterStats(_load_balance_from_sums(sums, c.num_experts_per_tok))
     self.router_z = RouterStats(sums["lse_squared"] / sums["tokens"])
+    if c.moe_impl == "dispatch":
+      self.dropped = RouterStats(sums["dropped"] / (sums["tokens"] * c.num_experts_per_tok))
     return checkpoint_name(y.astype(c.compute_dtype), "mlp_out")
 
 
@@ -175,7 +205,7 @@ def _expert_mlp(xs, w, activate, expert_of_row, matmul):
   return matmul(h, w["w_down"])
 
 
-def _ragged_tokens(xf: jax.Array, w: dict, *, c, activate):
+def _ragged_tokens(xf: jax.Array, w: dict, *, c, activate, matmul_impl, **_):
   """Dropless: the N*k assignments sorted by expert, grouped matmuls over the groups.
   xf [N, D] -> (y [N, D] float32, router sums)."""
   weights, experts, sums = _route(xf, w, c)
@@ -185,13 +215,34 @@ def _ragged_tokens(xf: jax.Array, w: dict, *, c, activate):
   rows_expert = flat_expert[order]
   rows_token = jnp.repeat(jnp.arange(n), c.num_experts_per_tok)[order]
   group_sizes = jnp.bincount(flat_expert, length=c.num_experts).astype(jnp.int32)
-  matmul = lambda a, b: jax.lax.ragged_dot(a, b, group_sizes)
+  matmul = lambda a, b: gmm.grouped_matmul(a, b, group_sizes, matmul_impl)
   out = _expert_mlp(xf[rows_token].astype(c.compute_dtype), w, activate, rows_expert, matmul)
-  out = out.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
-  return jnp.zeros((n, d), jnp.float32).at[rows_token].add(out), sums
+  return combine(out[jnp.argsort(order)], weights), sums
 
 
-def _capacity_tokens(xf: jax.Array, w: dict, *, c, activate):
+def combine(outs: jax.Array, weights: jax.Array) -> jax.Array:
+  """y [N, D] (float32) = sum over k of weights [N, k] x outs [N * k, D] (token-major rows):
+  a gather and a contraction, where a scatter-add of float32 [N * k, D] rows would hold the
+  largest buffer of the layer."""
+  n, k = weights.shape
+  return jnp.einsum("nkd,nk->nd", outs.reshape(n, k, -1), weights.astype(outs.dtype),
+                    preferred_element_type=jnp.float32)
+
+
+def _dispatch_tokens(xf: jax.Array, w: dict, *, c, activate, matmul_impl, ep_axes, ep):
+  """Expert parallel (moe_dispatch.py): w holds this device's E/ep experts."""
+  weights, experts, sums = _route(xf, w, c)
+
+  def expert_mlp(rows, group_sizes, local_expert):
+    matmul = lambda a, b: gmm.grouped_matmul(a, b, group_sizes, matmul_impl)
+    return _expert_mlp(rows, w, activate, local_expert, matmul)
+  outs, dropped = moe_dispatch.dispatch_tokens(
+      xf, experts, expert_mlp, num_experts=c.num_experts, capacity_factor=c.moe_capacity_factor,
+      axis=ep_axes, num_shards=ep, dtype=c.compute_dtype)
+  return combine(outs, weights), sums | {"dropped": dropped}
+
+
+def _capacity_tokens(xf: jax.Array, w: dict, *, c, activate, **_):
   """Each expert takes at most C assignments (later ones dropped, in token order) into a dense
   [E, C, D] buffer: batched matmuls over every expert's weights (no all-to-all dispatch)."""
   weights, experts, sums = _route(xf, w, c)

@@ -96,7 +96,7 @@ def make_train_step(s: Setup) -> Callable[[dict, dict], tuple[dict, dict]]:
         return jax.tree.map(jnp.add, carry, (g, n, a)), None
 
       zeros = jax.tree.map(jnp.zeros_like, params)
-      aux0 = {k: jnp.zeros(()) for k in ("load_balance", "router_z")} if mc.num_experts else {}
+      aux0 = {k: jnp.zeros(()) for k in moe_lib.aux_names(mc)}
       (grads, nll_sum, aux), _ = jax.lax.scan(body, (zeros, jnp.zeros(()), aux0), micro)
       aux = {k: v / accum for k, v in aux.items()}
     loss = nll_sum / total_tokens

@@ -40,9 +40,10 @@ def _layer(c, seed=0) -> moe.MoE:
   return layer
 
 
-def np_moe(layer: moe.MoE, c, x, capacity=None):
+def np_moe(layer: moe.MoE, c, x, capacity=None, keep=None):
   """Float64 loop: for every token, its top-k experts' MLPs weighted by router probability.
-  With `capacity`, an expert takes only its first `capacity` assignments in token order."""
+  With `capacity`, an expert takes only its first `capacity` assignments in token order; with
+  `keep(token, expert)`, only the assignments it accepts."""
   p = {k: np.asarray(v[...], np.float64) for k, v in nnx.to_flat_state(nnx.state(layer, nnx.Param))
        for k in ["/".join(map(str, k))]}
   xs = np.asarray(x, np.float64).reshape(-1, D)
@@ -58,7 +59,7 @@ def np_moe(layer: moe.MoE, c, x, capacity=None):
       w = w / w.sum()
     for e, we in zip(chosen, w):
       taken[e] += 1
-      if capacity is not None and taken[e] > capacity:
+      if capacity is not None and taken[e] > capacity or keep is not None and not keep(n, e):
         continue
       h = xs[n] @ p["w_up"][e]
       if c.activation_per_expert:
@@ -82,6 +83,9 @@ def np_moe(layer: moe.MoE, c, x, capacity=None):
     {"moe_impl": "ragged", "activation": "swiglu", "moe_renormalize": True},
     {"moe_impl": "ragged", "activation": "polyrelu", "activation_per_expert": True},
     {"moe_impl": "capacity", "activation_per_expert": True, "moe_capacity_factor": float(E)},
+    {"moe_impl": "dispatch"},                                  # one device: nothing to drop
+    {"moe_impl": "dispatch", "activation_per_expert": True, "moe_matmul": "megablox"},
+    {"moe_impl": "ragged", "activation": "swiglu", "moe_matmul": "megablox"},
 ])
 def test_routed_layer_equals_per_token_loop(overrides):
   c = _config(**overrides)
@@ -90,7 +94,7 @@ def test_routed_layer_equals_per_token_loop(overrides):
   np.testing.assert_allclose(layer(x), np_moe(layer, c, x), rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("impl", ["ragged", "capacity"])
+@pytest.mark.parametrize("impl", ["ragged", "capacity", "dispatch"])
 def test_ties_and_every_token_on_the_same_experts(impl):
   """Router columns 0 and 1 dominate for every token (all tokens pick experts {0, 1}) and
   columns 2..5 are equal (ties broken by the lower index, as in the reference)."""
@@ -113,6 +117,22 @@ def test_capacity_drops_late_assignments():
   np.testing.assert_allclose(layer(x), np_moe(layer, c, x, capacity), rtol=2e-5, atol=2e-5)
 
 
+def test_dispatch_buffer_drops_the_last_assignments_in_expert_order_and_counts_them():
+  """One device, capacity_factor 0.5: the buffer holds the first half of the N*k assignments
+  sorted by expert (token order within an expert); the rest skip their experts, and the
+  layer's `dropped` is their fraction."""
+  c = _config(moe_impl="dispatch", moe_capacity_factor=0.5)
+  layer = _layer(c)
+  x = jax.random.normal(jax.random.key(3), (2, 6, D))
+  logits = np.asarray(x.reshape(-1, D) @ layer.router[...], np.float64)
+  chosen = np.argsort(-logits, axis=1, kind="stable")[:, :K]          # [N, K]
+  ranked = sorted((e, n) for n in range(chosen.shape[0]) for e in chosen[n])
+  kept = set(ranked[:int(np.ceil(0.5 * len(ranked)))])
+  expected = np_moe(layer, c, x, keep=lambda n, e: (e, n) in kept)
+  np.testing.assert_allclose(layer(x), expected, rtol=2e-5, atol=2e-5)
+  assert float(layer.dropped[...]) == pytest.approx(1 - len(kept) / len(ranked))
+
+
 def test_auxiliary_losses_match_their_formulas():
   uniform = jnp.full((8, 4), 0.25)
   balanced = jnp.array([[0, 1], [2, 3]] * 4)                         # every expert 4 times
@@ -128,7 +148,7 @@ def test_auxiliary_losses_match_their_formulas():
   assert moe.router_z_loss(logits) == pytest.approx(np.mean(np.square(lse)), rel=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["ragged", "capacity"])
+@pytest.mark.parametrize("impl", ["ragged", "capacity", "dispatch"])
 def test_layer_records_the_formulas_losses(impl):
   """The layer computes its losses from sums (which add up across shards); they equal the
   formulas on the whole batch."""
@@ -173,6 +193,8 @@ def test_invalid_moe_configs():
     _config(num_experts_per_tok=E + 1)
   with pytest.raises(ConfigError, match="moe_impl"):
     _config(moe_impl="megablocks")
+  with pytest.raises(ConfigError, match="moe_matmul"):
+    _config(moe_matmul="gmm")
 
 
 def test_tiny_moe_trains_and_logs_router_losses(tiny, tmp_path):
