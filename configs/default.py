@@ -114,6 +114,8 @@ def get_config() -> ml_collections.ConfigDict:
   e = c.eval = ml_collections.ConfigDict()
   e.batch_size = 16
   e.max_batches = 64            # 0: the whole validation split
+  e.acc_norm_per = "chars"      # downstream acc_norm: log-likelihood per character (as
+                                # lm-evaluation-harness) or per UTF-8 byte ("bytes")
 
   # --- mesh ----------------------------------------------------------------------------------
   mesh = c.mesh = ml_collections.ConfigDict()

@@ -16,11 +16,12 @@ layer and device, inside the MoE's shard_map:
    (grouped_matmul.py: megablox on TPU); empty slots sort last, into no group;
 5. a second all_to_all returns the outputs to the devices their tokens came from, which sum
    each token's k outputs with its router weights (moe.combine).
-Bytes on the wire per layer and device: 2 all_to_alls of P * C * D in the compute dtype each
-way (forward, and again in the backward pass), about 4 * capacity_factor * N * k * D bytes,
-against the gather path's E * 3 * D * F weights (all-gathered forward, reduce-scattered
-backward). Dispatch wins when tokens per device are few relative to the experts' weights (many
-experts, or small per-device batches); see docs/moe.md.
+Bytes on the wire per layer and device: two all_to_alls of P * C * D values (there and back) in
+the forward pass, again in full remat's recompute and in the backward pass: about
+12 * capacity_factor * N * k * D bytes in bf16, against the gather path's experts' weights
+(all-gathered forward, their gradients all-reduced backward). Dispatch wins when tokens per
+device are few relative to the experts' weights (many experts, or small per-device batches):
+benchmarks/RESULTS.md, "MoE at scale".
 """
 
 from __future__ import annotations

@@ -146,6 +146,19 @@ def test_forced_task_is_solved_and_shuffled_labels_give_chance(packed):
       np.sqrt(chance["acc"] * (1 - chance["acc"]) / 199))
 
 
+def test_acc_norm_divides_by_characters_like_the_harness_or_by_bytes():
+  """Choice "é" (1 character, 2 UTF-8 bytes) at log-likelihood -1.5 against "ab" (2 of each)
+  at -2.5: per character -1.5 vs -1.25 picks "ab" (lm-evaluation-harness's decision); per
+  byte -0.75 vs -1.25 picks "é"."""
+  ex = tasks.MultipleChoice("Q:", ("\u00e9", "ab"), gold=0)
+  logprobs = np.array([-1.5, -2.5])
+  assert scoring.accuracy([ex], logprobs)["acc_norm"] == 0.0
+  assert scoring.accuracy([ex], logprobs, per="bytes")["acc_norm"] == 1.0
+  assert scoring.accuracy([ex], logprobs)["acc"] == 1.0
+  with pytest.raises(ConfigError, match="config.eval.acc_norm_per"):
+    scoring.accuracy([ex], logprobs, per="tokens")
+
+
 def test_results_file_and_table(packed, tmp_path):
   results = {"arc_easy": {"acc": 0.5, "acc_stderr": 0.1, "acc_norm": 0.6, "acc_norm_stderr": 0.1,
                           "n": 26, "skipped": 1, "truncated_requests": 0, "source": "x"}}

@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from polycom_jax import evaluation
 from polycom_jax import setup as setup_lib
 from polycom_jax import sharding as sharding_lib
+from polycom_jax.config_errors import require
 from polycom_jax.downstream.tasks import MultipleChoice, TaskData
 
 ROW_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
@@ -143,13 +144,25 @@ def _stderr(p: float, n: int) -> float | None:
   return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else None
 
 
-def accuracy(examples: list[MultipleChoice], logprobs: np.ndarray) -> dict:
-  """acc (highest log-likelihood is gold) and acc_norm (log-likelihood per UTF-8 byte of the
-  choice, the harness's length normalisation; it counts characters, equal for ASCII)."""
+ACC_NORM_UNITS = ("chars", "bytes")
+
+
+def choice_length(per: str) -> Callable[[str], int]:
+  """The length acc_norm divides by; ConfigError for an unknown unit."""
+  require(per in ACC_NORM_UNITS, "config.eval.acc_norm_per",
+          f"must be one of {ACC_NORM_UNITS}, got {per!r}")
+  return len if per == "chars" else (lambda c: len(c.encode("utf-8")))
+
+
+def accuracy(examples: list[MultipleChoice], logprobs: np.ndarray, per: str = "chars") -> dict:
+  """acc (highest log-likelihood is gold) and acc_norm: log-likelihood per character of the
+  choice (lm-evaluation-harness's length normalisation), or per UTF-8 byte with per="bytes";
+  the two differ on non-ASCII choices."""
+  length = choice_length(per)
   correct, correct_norm, i = [], [], 0
   for ex in examples:
     lp = logprobs[i:i + len(ex.choices)]
-    lengths = np.array([max(len(c.encode("utf-8")), 1) for c in ex.choices])
+    lengths = np.array([max(length(c), 1) for c in ex.choices])
     correct.append(int(np.argmax(lp)) == ex.gold)
     correct_norm.append(int(np.argmax(lp / lengths)) == ex.gold)
     i += len(ex.choices)
@@ -174,11 +187,12 @@ def score_examples(s: setup_lib.Setup, score_step, params,
 
 def evaluate_tasks(s: setup_lib.Setup, params, tasks: list[TaskData]) -> dict[str, dict]:
   """Per task: acc, acc_norm, their standard errors, n, and what was skipped or truncated."""
+  per = s.config.eval.get("acc_norm_per", "chars")
   score_step = make_score_step(s)
   results = {}
   for task in tasks:
     logprobs, truncated = score_examples(s, score_step, params, task.examples)
-    results[task.name] = {**accuracy(task.examples, logprobs), "skipped": task.skipped,
+    results[task.name] = {**accuracy(task.examples, logprobs, per), "skipped": task.skipped,
                           "truncated_requests": truncated, "source": task.source}
   return results
 
@@ -186,6 +200,7 @@ def evaluate_tasks(s: setup_lib.Setup, params, tasks: list[TaskData]) -> dict[st
 def evaluate_checkpoint(config, workdir: str, step: int | None,
                         tasks: list[TaskData]) -> dict:
   """{step, tasks: per-task results, path} for a workdir's checkpoint; process 0 writes them."""
+  choice_length(config.eval.get("acc_norm_per", "chars"))     # a bad unit fails first
   s, params, step = evaluation.restore_params(config, workdir, step)
   out = {"step": step, "tasks": evaluate_tasks(s, params, tasks)}
   if jax.process_index() == 0:
