@@ -13,7 +13,7 @@ unigram_loss) and prints a summary. With --tasks, also zero-shot multiple-choice
 from absl import app, flags
 from ml_collections import config_flags
 
-from polycom_jax import cli, distributed, downstream, evaluation
+from polycom_jax import cli, compile_cache, distributed, downstream, evaluation
 from polycom_jax.data import resolve_data_dir
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.",
@@ -40,6 +40,7 @@ def main(argv):
 
 
 def _evaluate():
+  print(f"compilation cache: {compile_cache.enable(_WORKDIR.value) or 'off'}")
   tasks = downstream.load_tasks(                     # bad task data fails before compiling
       _TASKS.value, _TASKS_DATA_DIR.value or resolve_data_dir(_CONFIG.value.data),
       _TASKS_LIMIT.value) if _TASKS.value else []

@@ -8,7 +8,7 @@ CPU machine (jax.experimental.topologies) and compiles for it with the real TPU 
 config's parallelism, lowers and compiles the train step (and the eval step) from abstract shapes
 only, and prints per-chip memory against the chip's HBM (and the host memory of offloaded
 remat), XLA's cost analysis, the bytes of the collectives in the compiled HLO
-(hlo_collectives.py), the model FLOPs from the exact formula and the compile times;
+(hlo_stats.py), the model FLOPs from the exact formula and the compile times;
 `max_batch` also searches for the largest global batch whose train step fits.
 
 With config.model.scan_layers (the paper configs' default) the step holds one scanned block, so
@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from polycom_jax import hlo_collectives
+from polycom_jax import hlo_stats
 from polycom_jax import model as model_lib
 from polycom_jax import setup as setup_lib
 from polycom_jax import sharding as sharding_lib
@@ -136,6 +136,7 @@ class StepReport:
   oom: str = ""            # the TPU compiler's out-of-memory message, when it gave up
   host_temp: int = 0       # host memory the step uses (remat "offload": the block inputs)
   collectives: dict = dataclasses.field(default_factory=dict)   # {kind: result bytes}
+  kernels: dict = dataclasses.field(default_factory=dict)       # {Pallas kernel: calls}
 
   @property
   def total(self) -> int:
@@ -151,6 +152,10 @@ def _collectives_cell(r: StepReport, g) -> str:
     return "-"
   kinds = ", ".join(f"{k} {g(v)}" for k, v in r.collectives.items() if v)
   return f"{g(sum(r.collectives.values()))}" + (f" ({kinds})" if kinds else "")
+
+
+def _kernels_cell(r: StepReport) -> str:
+  return ", ".join(f"{k} {v}" for k, v in sorted(r.kernels.items()))
 
 
 def _oom_temp_bytes(message: str) -> int:
@@ -186,7 +191,8 @@ def compile_step(name: str, jitted, *args, argument_bytes: int = 0) -> StepRepor
                     float(cost.get("bytes accessed", float("nan"))),
                     text.count('custom_call_target="tpu_custom_call"'),
                     host_temp=m.host_temp_size_in_bytes,
-                    collectives=hlo_collectives.collective_bytes(text))
+                    collectives=hlo_stats.collective_bytes(text),
+                    kernels=hlo_stats.mosaic_kernels(text))
 
 
 def compile_steps(config, devices, skip_eval: bool = False):
@@ -363,7 +369,8 @@ def run(config, topology: str, skip_eval: bool = False, max_batch: bool = False,
       ("model FLOPs (6N + attention)", [f"{model_flops:.3e}", f"{model_flops / 3:.3e}"]
        [:len(reports)]),
       (f"collective bytes{flops_note}", [_collectives_cell(r, g) for r in reports]),
-      ("Pallas (Mosaic) kernel calls", [str(r.mosaic_kernels) for r in reports]),
+      ("Pallas (Mosaic) kernel calls", [f"{r.mosaic_kernels} ({_kernels_cell(r)})"
+                                        if r.kernels else str(r.mosaic_kernels) for r in reports]),
       ("compile time", [f"{r.compile_s:.1f} s" for r in reports]),
   ]
   for label, vals in rows:

@@ -13,6 +13,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from polycom_jax import checkpoint as ckpt_lib
+from polycom_jax import compile_cache
 from polycom_jax import data as data_lib
 from polycom_jax import evaluation
 from polycom_jax import metrics as metrics_lib
@@ -175,6 +176,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   setup_lib.check_workdir(workdir)
   data_lib.check_data_config(config.data)
   with WorkdirLock(workdir):
+    log(f"compilation cache: {compile_cache.enable(workdir) or 'off'}")
     return _train(s, config, workdir)
 
 

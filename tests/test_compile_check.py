@@ -317,3 +317,23 @@ def test_without_libtpu_says_how_to_install():
   proc = run_tool("--topology=v5p:2x2x1", python=sys.executable)
   assert proc.returncode == 2
   assert f'pip install "jax[tpu]=={jax.__version__}"' in proc.stderr
+
+
+def test_hlo_stats_reads_collective_bytes_and_kernel_calls():
+  """Result bytes per collective kind (a tuple result summed; an async -start counted once, by
+  its largest array, since its tuple holds the operand too) and Pallas calls by name."""
+  from polycom_jax import hlo_stats  # pylint: disable=g-import-not-at-top
+  hlo = textwrap.dedent("""\
+      %all_to_all.84 = bf16[2,320,128]{2,1,0:T(8,128)(2,1)} all-to-all(%bitcast.531), channel_id=1
+      %all-reduce.3 = (f32[8]{0:T(128)}, f32[]{:T(128)}) all-reduce(%a, %b), channel_id=2
+      %all-gather-start = (bf16[4,64]{1,0}, bf16[16,64]{1,0}) all-gather-start(%p), dimensions={0}
+      %all-gather-done = bf16[16,64]{1,0} all-gather-done(%all-gather-start)
+      ROOT %gmm.3 = bf16[640,128]{1,0} custom-call(%x), custom_call_target="tpu_custom_call"
+      %gmm = bf16[640,128]{1,0} custom-call(%y), custom_call_target="tpu_custom_call"
+      %splash_mha_fwd.2 = f32[2,4]{1,0} custom-call(%z), custom_call_target="tpu_custom_call"
+      %other = f32[2]{0} custom-call(%z), custom_call_target="Sharding"
+      """)
+  assert hlo_stats.collective_bytes(hlo) == {
+      "all-gather": 16 * 64 * 2, "all-reduce": 8 * 4 + 4, "reduce-scatter": 0,
+      "all-to-all": 2 * 320 * 128 * 2, "ragged-all-to-all": 0, "collective-permute": 0}
+  assert hlo_stats.mosaic_kernels(hlo) == {"gmm": 2, "splash_mha_fwd": 1}

@@ -322,6 +322,38 @@ def test_bad_config_fails_before_compiling(tiny, field, value, message):
     setup_lib.setup(config)
 
 
+def test_a_restart_loads_its_steps_from_the_compilation_cache(tiny, tmp_path, monkeypatch):
+  """On by default, under WORKDIR/compilation_cache: the first run fills it, a second run
+  (another workdir pointed at the same cache) compiles nothing that the first did: every
+  compile request that uses the cache is a hit."""
+  from jax._src import monitoring  # pylint: disable=g-import-not-at-top
+  from jax.experimental.compilation_cache import compilation_cache
+  from polycom_jax import compile_cache
+  events = []
+  listener = lambda name, **_: events.append(name)
+  monitoring.register_event_listener(listener)
+  try:
+    monkeypatch.delenv("POLYCOM_COMPILATION_CACHE")
+    first = tmp_path / "first"
+    config = tiny(num_steps=2, checkpoint_every=0)
+    loop.train(config, str(first))
+    cache = first / "compilation_cache"
+    assert cache.is_dir() and len(list(cache.iterdir())) >= 2       # train and eval steps
+    events.clear()
+    monkeypatch.setenv("POLYCOM_COMPILATION_CACHE", str(cache))
+    loop.train(config, str(tmp_path / "second"))
+    requests = events.count("/jax/compilation_cache/compile_requests_use_cache")
+    hits = events.count("/jax/compilation_cache/cache_hits")
+    assert requests >= 2 and hits == requests, (requests, hits)
+    assert compile_cache.cache_dir("w") == str(cache)
+    monkeypatch.setenv("POLYCOM_COMPILATION_CACHE", "off")
+    assert compile_cache.cache_dir("w") is None
+  finally:
+    monitoring.unregister_event_listener(listener)
+    compilation_cache.set_cache_dir(None)
+    compilation_cache.reset_cache()
+
+
 def test_unwritable_workdir_is_refused(tiny, tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("x")

@@ -1,8 +1,9 @@
-"""Bytes moved by the collectives of a compiled program, read from its HLO text (the compile
-check's "collective bytes" rows): per device, the size of each collective's result, by kind.
+"""What a compiled TPU program holds, read from its HLO text (the compile check's rows): the
+bytes its collectives move per device (the size of each one's result, by kind), and its
+Pallas (Mosaic) kernel calls by kernel.
 
 A loop body (a scanned stack of layers) appears once in the text; the compile check
-extrapolates from unrolled 1- and 2-layer compiles, as it does for FLOPs.
+extrapolates the bytes from unrolled 1- and 2-layer compiles, as it does for FLOPs.
 """
 
 from __future__ import annotations
@@ -37,3 +38,16 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
     sizes = _array_bytes(shape_text)
     totals[kind] += (max(sizes) if start else sum(sizes)) if sizes else 0
   return totals
+
+
+_CALL = re.compile(r"^\s*(?:ROOT )?%([A-Za-z_][A-Za-z0-9_-]*?)(?:\.\d+)* = .*"
+                   r'custom_call_target="tpu_custom_call"', re.M)
+
+
+def mosaic_kernels(hlo_text: str) -> dict[str, int]:
+  """{kernel: calls} of the Pallas TPU kernels in the program, by the name the compiler gives
+  each call (gmm, tgmm, splash_mha_fwd..., _fwd_body / _bwd_body for the fused activation)."""
+  counts: dict[str, int] = {}
+  for name in _CALL.findall(hlo_text):
+    counts[name] = counts.get(name, 0) + 1
+  return counts
