@@ -43,10 +43,13 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, impl: str
     raise ConfigError(f"moe_matmul {impl!r} is not resolved (one of {IMPLS[1:]})")
   m, k = x.shape
   # gmm leaves the rows after the last group unwritten (garbage; NaN when interpreted), in the
-  # output and in the input gradient: both are masked to zero by the selects around it.
-  in_groups = (jnp.arange(m) < jnp.sum(group_sizes))[:, None]
+  # output and in the input gradient: both are set to zero by selects that fuse into their
+  # consumers (a select on x itself would copy it for the kernel).
+  used = jnp.sum(group_sizes)
+  in_groups = (jnp.arange(m) < used)[:, None]
+  x = _zero_gradient_after(x, used)
   pad = -m % _TILE                      # gmm needs whole row tiles; the padding is in no group
-  xp = jnp.pad(jnp.where(in_groups, x, 0), ((0, pad), (0, 0)))
+  xp = jnp.pad(x, ((0, pad), (0, 0))) if pad else x
   tiling = (_TILE, min(_TILE, k), min(_TILE, w.shape[2]))
   run = lambda interpret: functools.partial(_gmm, tiling=tiling, interpret=interpret)
   out = jax.lax.platform_dependent(xp, w, group_sizes.astype(jnp.int32),
@@ -58,3 +61,20 @@ def _gmm(x, w, group_sizes, *, tiling, interpret):
   # pylint: disable-next=g-import-not-at-top
   from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
   return megablox.gmm(x, w, group_sizes, x.dtype, tiling, None, None, False, interpret)
+
+
+@jax.custom_vjp
+def _zero_gradient_after(x: jax.Array, rows: jax.Array) -> jax.Array:
+  """x itself; in the backward pass, the gradient of its rows from `rows` on is zero."""
+  return x
+
+
+def _zero_gradient_fwd(x, rows):
+  return x, rows
+
+
+def _zero_gradient_bwd(rows, g):
+  return jnp.where((jnp.arange(g.shape[0]) < rows)[:, None], g, 0), None
+
+
+_zero_gradient_after.defvjp(_zero_gradient_fwd, _zero_gradient_bwd)
