@@ -20,9 +20,12 @@ this counts 10.1B total / 1.6B active parameters (num_params / flops_per_token);
 OLMoE-1B-7B uses 1024 (6.9B total / 1.3B active): --config.model.moe_ungated_d_ff=1536 for it.
 
 Mesh: experts over `expert` (8), the rest FSDP; e.g. a v5p-128 slice (64 chips): fsdp 8 x
-expert 8. Compiled ahead of time for it (layers scanned, full remat; before splash attention and
-the chunked loss): 2.35 GiB of state + 56 GiB of scratch per chip at the paper's batch (of 95
-GiB). On a v5e-64 (16 GiB per chip), with splash attention and the chunked loss (the defaults
+expert 8. Compiled ahead of time for it (layers scanned, full remat, splash attention, the
+chunked loss, megablox grouped matmuls): 32.1 GiB per chip at the paper's batch (of 95 GiB;
+26.4 with --config.model.remat=offload). The experts' weights are gathered per layer (moe_impl
+ragged, dropless); --config.model.moe_impl=dispatch sends the tokens to the experts' devices
+instead, which moves 4.4x the bytes at this batch and wins at many more experts
+(benchmarks/RESULTS.md, "MoE at scale"). On a v5e-64 (16 GiB per chip), with splash attention and the chunked loss (the defaults
 now): --config.train.micro_batch_size=256 (4 accumulation steps) fits, 13.8 GiB per chip
 (benchmarks/RESULTS.md, "TPU compile check"). For a quick CPU run shrink it, e.g.
   --config.model.num_layers=2 --config.model.d_model=64 --config.model.num_heads=4

@@ -7,10 +7,6 @@ import pytest
 
 from configs import tiny
 
-# Tests train in many temporary workdirs: no persistent compilation cache unless a test asks
-# for one (test_train's cache test; subprocesses inherit this too).
-os.environ.setdefault("POLYCOM_COMPILATION_CACHE", "off")
-
 
 @pytest.fixture(scope="session")
 def corpus_glob(tmp_path_factory) -> str:

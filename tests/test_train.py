@@ -332,8 +332,10 @@ def test_a_restart_loads_its_steps_from_the_compilation_cache(tiny, tmp_path, mo
   events = []
   listener = lambda name, **_: events.append(name)
   monitoring.register_event_listener(listener)
+  before = jax.config.jax_compilation_cache_dir     # `make test` points JAX at .jax_cache
   try:
-    monkeypatch.delenv("POLYCOM_COMPILATION_CACHE")
+    monkeypatch.delenv("POLYCOM_COMPILATION_CACHE", raising=False)
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
     first = tmp_path / "first"
     config = tiny(num_steps=2, checkpoint_every=0)
     loop.train(config, str(first))
@@ -350,7 +352,7 @@ def test_a_restart_loads_its_steps_from_the_compilation_cache(tiny, tmp_path, mo
     assert compile_cache.cache_dir("w") is None
   finally:
     monitoring.unregister_event_listener(listener)
-    compilation_cache.set_cache_dir(None)
+    compilation_cache.set_cache_dir(before)
     compilation_cache.reset_cache()
 
 
