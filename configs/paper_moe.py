@@ -24,8 +24,8 @@ expert 8. Compiled ahead of time for it (layers scanned, full remat, splash atte
 chunked loss, megablox grouped matmuls): 32.1 GiB per chip at the paper's batch (of 95 GiB;
 26.4 with --config.model.remat=offload). The experts' weights are gathered per layer (moe_impl
 ragged, dropless); --config.model.moe_impl=dispatch sends the tokens to the experts' devices
-instead, which moves 4.4x the bytes at this batch and wins at many more experts
-(benchmarks/RESULTS.md, "MoE at scale"). On a v5e-64 (16 GiB per chip), with splash attention and the chunked loss (the defaults
+instead, which moves 4.4x the bytes at this batch (it wins with fewer tokens per chip or
+several hundred experts: benchmarks/RESULTS.md, "MoE at scale"). On a v5e-64 (16 GiB per chip), with splash attention and the chunked loss (the defaults
 now): --config.train.micro_batch_size=256 (4 accumulation steps) fits, 13.8 GiB per chip
 (benchmarks/RESULTS.md, "TPU compile check"). For a quick CPU run shrink it, e.g.
   --config.model.num_layers=2 --config.model.d_model=64 --config.model.num_heads=4
