@@ -1,7 +1,7 @@
-"""The activation comparison at laptop scale: configs/default.py's model, 6 activations x 2 seeds.
+"""The activation comparison at laptop scale: configs/default.py's model, 8 activations x 2 seeds.
 
-Every run sees the same corpus and tokens; gated activations get 2/3 of the MLP width so all
-models have the same parameter count. experiments/compare_activations.py reads `experiment`.
+Every run sees the same corpus and tokens; gated activations (SwiGLU and the gated PolyCom
+forms) get 2/3 of the MLP width so all models have the same parameter count. experiments/compare_activations.py reads `experiment`.
 """
 
 import ml_collections
@@ -16,7 +16,8 @@ def get_config():
                  checkpoint_every=0)
   c.eval.update(max_batches=32)
   c.experiment = ml_collections.ConfigDict()
-  c.experiment.activations = ("polynorm", "polyrelu", "swiglu", "gelu", "relu", "relu2")
+  c.experiment.activations = ("polynorm", "polyrelu", "polynorm_glu", "polyrelu_glu", "swiglu",
+                               "gelu", "relu", "relu2")
   c.experiment.seeds = (0, 1)
   # Downstream zero-shot tasks after each run (eval.py --tasks syntax, e.g. "arc_easy,piqa" with
   # the TFDS datasets prepared in tasks_data_dir, or "mytask=/path/task.jsonl"); "" = none.

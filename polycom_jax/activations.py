@@ -4,6 +4,10 @@ The math (shared/DESIGN.md), per row over the LAST axis, with N(v) = v / sqrt(me
   poly_norm(x) = sum_{i=1..r} weight[r-i] * N(x**i) + bias      (weight[0]: highest power)
   poly_relu(x) = sum_{i=1..r} weight[r-i] * relu(x)**i + bias
 
+Gated forms (`polynorm_glu`, `polyrelu_glu`): the activation is the gate of a GLU,
+W_down(poly(W_gate x) * W_up x), as Motif's models use PolyNorm (`hidden_act: "poly_norm"`); one
+set of coefficients per MLP, and 2/3 of the ungated width so they match SwiGLU's parameters.
+
 Numerics: the row statistics are computed in float32 whatever the input dtype (the paper's
 PyTorch code computes them in the activation dtype, bf16 under mixed precision; f32 differs from
 it at about bf16 resolution and is more accurate), and the result is cast back to the input dtype.
@@ -210,6 +214,8 @@ REGISTRY: dict[str, Activation] = {a.name: a for a in (
     Activation("silu", fn=jax.nn.silu),
     Activation("swiglu", gated=True, fn=jax.nn.silu),
     Activation("geglu", gated=True, fn=gelu),
+    Activation("polynorm_glu", gated=True, fn=poly_norm, module=PolyNorm),
+    Activation("polyrelu_glu", gated=True, fn=poly_relu, module=PolyReLU),
 )}
 
 

@@ -28,8 +28,13 @@ def write_hf_dir(out_dir: str, tensors: Mapping[str, np.ndarray], config: Mappin
       os.remove(os.path.join(out_dir, name))
   contiguous = {n: np.ascontiguousarray(t) for n, t in tensors.items()}
   save_file(contiguous, os.path.join(out_dir, WEIGHTS_FILE), metadata={"format": "pt"})
-  with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
-    json.dump(config, f, indent=2)
+  write_json(out_dir, CONFIG_FILE, config)
+
+
+def write_json(out_dir: str, name: str, value: Mapping):
+  """out_dir/name as indented JSON (the tokenizer and generation configs beside the weights)."""
+  with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
+    json.dump(value, f, indent=2)
 
 
 def read_hf_dir(hf_dir: str) -> tuple[dict, dict[str, np.ndarray]]:

@@ -3,14 +3,18 @@ imported from Hugging Face directories (tensor names: hf_layout.py; files: hf_fi
 
 config.json is a LlamaConfig (a Qwen3Config with per-head qk_norm, an OlmoeConfig for MoE models)
 plus `polycom_activation`, `mlp_gated`, `polycom_order`, `polycom_eps` and a `polycom_jax` block
-with the run's config.model, from which an import rebuilds the model config. Ungated MLPs have no
-gate_proj, and `hidden_act` is then the activation's own name: stock transformers loads only the
-gated silu/gelu models; the others need their MLP swapped in.
+with the run's config.model, from which an import rebuilds the model config. Dense models whose
+MLP stock transformers lacks (PolyNorm, PolyReLU, their gated forms, ungated baselines) are
+written as model_type "polycom" with the modeling code beside the weights (hf_remote/, `auto_map`):
+`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` loads them, and a load without
+trust_remote_code stops with transformers' own message. The tokenizer goes with every export
+(hf_tokenizer.py).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any, Mapping
 
 import jax
@@ -24,15 +28,21 @@ from polycom_jax import checkpoint as ckpt_lib
 from polycom_jax import data as data_lib
 from polycom_jax import evaluation
 from polycom_jax import hf_layout
+from polycom_jax import hf_remote
+from polycom_jax import hf_tokenizer
 from polycom_jax import model as model_lib
 from polycom_jax import setup as setup_lib
 from polycom_jax.config_errors import ConfigError
-from polycom_jax.hf_files import CONFIG_FILE, read_hf_dir, write_hf_dir
+from polycom_jax.hf_files import CONFIG_FILE, read_hf_dir, write_hf_dir, write_json
 from polycom_jax.workdir_lock import WorkdirLock
 
 # This codebase's activation -> Hugging Face `hidden_act` (ACT2FN names where one exists).
+# The gated PolyCom forms take Motif's names (its MLP is down(poly_norm(gate x) * up x)).
 HF_ACT = {"swiglu": "silu", "geglu": "gelu", "silu": "silu", "relu": "relu", "gelu": "gelu",
-          "relu2": "relu2", "polynorm": "polynorm", "polyrelu": "polyrelu"}
+          "relu2": "relu2", "polynorm": "polynorm", "polyrelu": "polyrelu",
+          "polynorm_glu": "poly_norm", "polyrelu_glu": "poly_relu"}
+# Dense MLPs stock LlamaForCausalLM / Qwen3ForCausalLM run; the others need hf_remote's code.
+STOCK_DENSE = ("swiglu", "geglu")
 # config.json fields the tensor shapes cannot show, each with the config.model field it mirrors
 # and the value Hugging Face assumes when a file leaves it out (None: not checked when absent).
 CHECKED_FIELDS = (
@@ -60,11 +70,18 @@ def _polycom_eps(mc: model_lib.ModelConfig) -> float:
   return activations.get(mc.activation).make(order=mc.activation_order).eps
 
 
+def needs_remote_code(mc: model_lib.ModelConfig) -> bool:
+  """A dense model whose MLP stock transformers cannot build (exported with hf_remote's code)."""
+  return not mc.num_experts and mc.activation not in STOCK_DENSE
+
+
 def hf_config(mc: model_lib.ModelConfig, model_section: Mapping | None = None,
               eos_id: int | None = None, pad_id: int | None = None) -> dict:
-  """config.json for the model: LlamaConfig fields (Qwen3Config with qk_norm) plus PolyCom's."""
+  """config.json for the model: LlamaConfig fields (Qwen3Config with qk_norm, PolycomConfig for
+  the MLPs stock transformers lacks) plus PolyCom's."""
   act = activations.get(mc.activation)
   arch, model_type = (("OlmoeForCausalLM", "olmoe") if mc.num_experts else
+                      (hf_remote.ARCHITECTURE, hf_remote.MODEL_TYPE) if needs_remote_code(mc) else
                       ("Qwen3ForCausalLM", "qwen3") if mc.qk_norm == "head" else
                       ("LlamaForCausalLM", "llama"))
   cfg = {
@@ -86,9 +103,11 @@ def hf_config(mc: model_lib.ModelConfig, model_section: Mapping | None = None,
                num_experts_per_tok=mc.num_experts_per_tok, norm_topk_prob=mc.moe_renormalize,
                router_aux_loss_coef=mc.moe_aux_loss_weight, clip_qkv=None)
     del cfg["head_dim"], cfg["mlp_bias"]      # OLMoE derives head_dim from the hidden size
+  if needs_remote_code(mc):
+    cfg.update(auto_map=dict(hf_remote.AUTO_MAP), qk_norm=mc.qk_norm == "head")
   if act.has_params:
     cfg["polycom_order"] = mc.activation_order
-  if mc.activation == "polynorm":
+  if act.module is activations.PolyNorm:
     cfg["polycom_eps"] = _polycom_eps(mc)
   if model_section is not None:
     cfg["polycom_jax"] = {"model": dict(model_section)}
@@ -162,7 +181,8 @@ def model_fields_from_hf(hf: Mapping) -> dict:
       _activation_from_hf(hf), "activation_order": hf.get("polycom_order", 3),
       "max_seq_len": hf.get("max_position_embeddings", 2048),
       "rope_theta": _rope_theta(hf), "norm_eps": hf.get("rms_norm_eps", 1e-6),
-      "qk_norm": "head" if hf.get("model_type") == "qwen3" else "none",
+      "qk_norm": "head" if hf.get("model_type") == "qwen3" or hf.get("qk_norm") is True else
+                 "none",
       "tie_embeddings": hf.get("tie_word_embeddings", False),
       **moe,
   }
@@ -188,8 +208,28 @@ def export_checkpoint(config, workdir: str, out_dir: str, step: int | None = Non
   hf = hf_config(s.model_config, config.model.to_dict(), s.tokenizer.eos_id, s.tokenizer.pad_id)
   hf["polycom_jax"]["step"] = step
   if jax.process_index() == 0:
-    write_hf_dir(out_dir, tensors, hf)
+    write_model_dir(out_dir, tensors, hf, s.model_config)
+    hf_tokenizer.write(config.data, s.tokenizer, out_dir)
+    write_json(out_dir, "generation_config.json", _generation_config(s))
   return step
+
+
+def write_model_dir(out_dir: str, tensors: Mapping[str, np.ndarray], hf: Mapping,
+                    mc: model_lib.ModelConfig):
+  """The weights and config.json, with hf_remote's modeling code when the MLP needs it."""
+  write_hf_dir(out_dir, tensors, hf)
+  if needs_remote_code(mc):
+    for name in hf_remote.FILES:
+      shutil.copyfile(os.path.join(hf_remote.DIRECTORY, name), os.path.join(out_dir, name))
+
+
+def _generation_config(s: setup_lib.Setup) -> dict:
+  """generate()'s defaults: EOS as the start and stop token, as training and
+  evaluation.generate use it, and the rows past the tokenizer's vocabulary (the embedding's
+  padding to config.model.vocab_size) never sampled, as evaluation.generate never picks them."""
+  tok = s.tokenizer
+  return {"bos_token_id": tok.eos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id,
+          "suppress_tokens": list(range(tok.vocab_size, s.model_config.vocab_size))}
 
 
 def _sharded_params(s: setup_lib.Setup, values: Mapping) -> Any:

@@ -235,3 +235,56 @@ def test_unknown_activation_lists_known_names():
     activations.get("polynom")
   for name in ("polynorm", "polyrelu", "relu", "gelu", "relu2", "silu", "swiglu", "geglu"):
     assert name in str(e.value)
+
+
+# ---- gated PolyCom MLPs: W_down(poly(x W_gate) * (x W_up)), the activation on the gate --------
+
+GLU_REFS = {"polynorm_glu": (np_poly_norm, np_poly_norm_grads),
+            "polyrelu_glu": (np_poly_relu, np_poly_relu_grads)}
+
+
+def np_glu_mlp_and_grads(x, wg, wu, wd, w, b, g, name):
+  """The gated MLP's output and its gradients (x, W_gate, W_up, W_down, weight, bias) for
+  L = sum(g * y), in float64 by the chain rule through the activation's reference gradients."""
+  value, grads = GLU_REFS[name]
+  h, u = x @ wg, x @ wu
+  a = value(h, w, b)
+  m = a * u
+  dm = g @ wd.T
+  dh, dw, db = grads(h, w, dm * u)
+  du = dm * a
+  return m @ wd, (dh @ wg.T + du @ wu.T, x.T @ dh, x.T @ du, m.T @ g, dw, db)
+
+
+@pytest.mark.parametrize("name", GLU_REFS)
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_gated_polycom_mlp_matches_float64(name, impl):
+  """model.MLP with a gated PolyCom activation: one set of coefficients on the gate, values and
+  every gradient against float64 (the fused kernel in interpret mode for "pallas"); odd widths."""
+  from flax import nnx
+  from configs import tiny
+  from polycom_jax import model as model_lib
+  c = tiny.get_config().model
+  c.update(activation=name, d_model=24, ungated_d_ff=0, d_ff=37, activation_impl=impl)
+  mlp = model_lib.MLP(model_lib.ModelConfig.from_config(c), nnx.Rngs(0))
+  assert mlp.gated and mlp.act.weight[...].shape == (3,)
+  rng = np.random.default_rng(7)
+  x, g = rng.standard_normal((5, 24)), rng.standard_normal((5, 24))
+  wg, wu, wd = (rng.standard_normal(s) / np.sqrt(s[0]) for s in ((24, 37), (24, 37), (37, 24)))
+  w, b = rng.uniform(0.2, 1.0, 3) * np.array([1, -1, 1]), rng.standard_normal(1)
+  graphdef, state = nnx.split(mlp, nnx.Param)
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.float32, {
+      "w_gate": wg, "w_up": wu, "w_down": wd, "act": {"weight": w, "bias": b}}))
+
+  def loss(state, x):
+    y = nnx.merge(graphdef, state)(x)
+    return jnp.sum(jnp.float32(g) * y), y
+
+  (_, y), (dstate, dx) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(state,
+                                                                                 jnp.float32(x))
+  dp = nnx.to_pure_dict(dstate)
+  ry, (rdx, rdwg, rdwu, rdwd, rdw, rdb) = np_glu_mlp_and_grads(x, wg, wu, wd, w, b, g, name)
+  _close(y, ry, 1e-5)
+  for got, want in ((dx, rdx), (dp["w_gate"], rdwg), (dp["w_up"], rdwu), (dp["w_down"], rdwd),
+                    (dp["act"]["weight"], rdw), (dp["act"]["bias"], rdb)):
+    _close(got, want, 1e-4)

@@ -1,6 +1,8 @@
-"""Hugging Face / PyTorch interop: Orbax -> Hugging Face -> Orbax is bit-exact, transformers'
-Llama (with the PolyCom MLP written here in PyTorch from the formula) gives the JAX logits, and
-directories that do not fit the config are refused with the first mismatching tensor named."""
+"""Hugging Face / PyTorch interop: Orbax -> Hugging Face -> Orbax is bit-exact, transformers
+gives the JAX logits (stock Llama for SwiGLU, the exported remote code for PolyCom MLPs, gated
+and ungated), the exported tokenizer and `generate` reproduce the project's ids and greedy
+samples, and directories that do not fit the config are refused with the first mismatching
+tensor named."""
 
 import json
 import os
@@ -23,7 +25,7 @@ from polycom_jax import setup as setup_lib
 from polycom_jax.config_errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ACTIVATIONS = ("swiglu", "polynorm", "polyrelu")
+ACTIVATIONS = ("swiglu", "polynorm", "polyrelu", "polynorm_glu", "polyrelu_glu")
 
 
 def _config(corpus_glob, data_dir, activation):
@@ -87,11 +89,19 @@ def test_export_writes_the_llama_layout(exported):
   assert tensors[layer + "self_attn.q_proj.weight"].shape == (4 * 16, 64)     # [H*Dh, D]
   assert tensors[layer + "self_attn.k_proj.weight"].shape == (2 * 16, 64)     # [K*Dh, D]
   assert tensors[layer + "mlp.down_proj.weight"].shape == (64, mc.d_ff)       # [D, F]
-  assert (layer + "mlp.gate_proj.weight" in tensors) == (mc.activation == "swiglu")
-  assert (layer + "mlp.act_fn.weight" in tensors) == (mc.activation != "swiglu")
-  assert len(tensors) == 3 + 2 * (9 if mc.activation == "swiglu" else 10)
-  assert hf["architectures"] == ["LlamaForCausalLM"] and hf["model_type"] == "llama"
-  assert hf["hidden_act"] == {"swiglu": "silu"}.get(mc.activation, mc.activation)
+  polycom = mc.activation != "swiglu"
+  assert (layer + "mlp.gate_proj.weight" in tensors) == mc.gated
+  assert (layer + "mlp.act_fn.weight" in tensors) == polycom
+  assert len(tensors) == 3 + 2 * (8 + mc.gated + 2 * polycom)
+  if polycom:                # the code that runs it goes with it, named in auto_map
+    assert hf["architectures"] == ["PolycomForCausalLM"] and hf["model_type"] == "polycom"
+    assert hf["auto_map"]["AutoModelForCausalLM"] == "modeling_polycom.PolycomForCausalLM"
+    assert os.path.isfile(os.path.join(hf_dir, "modeling_polycom.py"))
+  else:
+    assert hf["architectures"] == ["LlamaForCausalLM"] and hf["model_type"] == "llama"
+    assert "auto_map" not in hf and not os.path.exists(os.path.join(hf_dir, "modeling_polycom.py"))
+  assert hf["hidden_act"] == {"swiglu": "silu", "polynorm_glu": "poly_norm",
+                              "polyrelu_glu": "poly_relu"}.get(mc.activation, mc.activation)
   assert (hf["rms_norm_eps"], hf["rope_theta"], hf["torch_dtype"]) == (1e-5, 500.0, "float32")
   assert (hf["num_key_value_heads"], hf["head_dim"], hf["intermediate_size"]) == (2, 16, mc.d_ff)
   assert hf["polycom_activation"] == mc.activation and hf["mlp_gated"] == mc.gated
@@ -170,58 +180,67 @@ def torch_llama():
   return torch, modeling_llama
 
 
-def _polycom_mlp_class(torch):
-  """A Llama MLP with the PolyCom activation, from shared/DESIGN.md's formula, in float32."""
-
-  class PolyComMLP(torch.nn.Module):
-    """down_proj(act_fn(up_proj(x))); act_fn holds the PolyCom weight [r] and bias [1]."""
-
-    def __init__(self, config):
-      super().__init__()
-      d, f, r = config.hidden_size, config.intermediate_size, config.polycom_order
-      self.kind, self.eps = config.polycom_activation, getattr(config, "polycom_eps", None)
-      self.up_proj = torch.nn.Linear(d, f, bias=False)
-      self.down_proj = torch.nn.Linear(f, d, bias=False)
-      self.act_fn = torch.nn.Module()
-      self.act_fn.weight = torch.nn.Parameter(torch.full((r,), 1.0 / r))
-      self.act_fn.bias = torch.nn.Parameter(torch.zeros(1))
-
-    def polycom(self, x):
-      """sum_{i=1..r} w[r-i] * N(x**i) + b (PolyNorm) or w[r-i] * relu(x)**i + b (PolyReLU)."""
-      w, r = self.act_fn.weight, self.act_fn.weight.shape[0]
-      if self.kind == "polynorm":
-        term = lambda i: x**i / torch.sqrt(torch.mean(x**(2 * i), -1, keepdim=True) + self.eps)
-      else:
-        term = lambda i: torch.relu(x)**i
-      return sum(w[r - i] * term(i) for i in range(1, r + 1)) + self.act_fn.bias
-
-    def forward(self, x):
-      return self.down_proj(self.polycom(self.up_proj(x)))
-
-  return PolyComMLP
-
-
-def _torch_logits(torch_llama, hf_dir, tokens, monkeypatch) -> np.ndarray:
-  """Logits of transformers' LlamaForCausalLM loaded from hf_dir (every tensor used once)."""
-  torch, modeling_llama = torch_llama
-  with open(os.path.join(hf_dir, "config.json")) as f:
-    gated = json.load(f)["mlp_gated"]
-  if not gated:
-    monkeypatch.setattr(modeling_llama, "LlamaMLP", _polycom_mlp_class(torch))
-  model, info = modeling_llama.LlamaForCausalLM.from_pretrained(
-      hf_dir, output_loading_info=True, attn_implementation="eager", dtype=torch.float32)
+def _hf_model(hf_dir):
+  """transformers' model for the directory, as a user loads it (remote code where it has some);
+  every tensor of the file used once."""
+  import torch
+  from transformers import AutoModelForCausalLM
+  model, info = AutoModelForCausalLM.from_pretrained(
+      hf_dir, trust_remote_code=True, output_loading_info=True, attn_implementation="eager",
+      dtype=torch.float32)
   assert not any(info.values()), info          # no missing, unexpected or mismatched tensor
-  with torch.no_grad():
-    return model(torch.as_tensor(tokens)).logits.numpy()
+  return model
 
 
-def test_transformers_llama_gives_the_jax_logits(exported, torch_llama, monkeypatch):
+def test_transformers_gives_the_jax_logits(exported, torch_llama):
+  import torch
   config, s, params, _, hf_dir = exported
   tokens = np.random.RandomState(0).randint(0, s.tokenizer.vocab_size, (2, 24))
   want = np.asarray(nnx.merge(s.graphdef, params)(jnp.asarray(tokens)))    # [B, T, V]
-  got = _torch_logits(torch_llama, hf_dir, tokens, monkeypatch)
-  assert np.abs(want).max() > 1.0                # the logits are not trivially small
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  model = _hf_model(hf_dir)
+  assert type(model).__name__ == ("LlamaForCausalLM" if config.model.activation == "swiglu" else
+                                   "PolycomForCausalLM")
+  with torch.no_grad():
+    got = model(torch.as_tensor(tokens)).logits.numpy()
+  scale = np.abs(want).max()
+  assert scale > 1.0                             # the logits are not trivially small
+  # float32 on both sides; the gated PolyReLU's cubes make it the least exact (1.4e-5 at 3.3)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_stock_transformers_refuses_remote_code_with_its_own_message(export, torch_llama):
+  from transformers import AutoModelForCausalLM
+  _, _, _, _, hf_dir = export("polynorm_glu")
+  with pytest.raises(ValueError, match="trust_remote_code"):
+    AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=False)
+
+
+def test_exported_tokenizer_and_generate_reproduce_the_greedy_sample(export, torch_llama):
+  """AutoTokenizer on the export encodes as training does (EOS first, then the UTF-8 bytes), and
+  transformers' greedy generate continues a prompt with evaluation.generate's tokens."""
+  import torch
+  from transformers import AutoTokenizer
+  _, s, params, _, hf_dir = export("polynorm")
+  tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=True)
+  prompt = "Größe def "
+  ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+  assert ids[0].tolist() == [s.tokenizer.eos_id] + s.tokenizer.encode(prompt)
+  want = evaluation.generate(s, params, prompt, max_new_tokens=6)
+  out = _hf_model(hf_dir).generate(ids, max_new_tokens=6)   # greedy: generation_config.json
+  new = out[0, ids.shape[1]:].tolist()
+  assert len(new) == 6 and max(new) < 256        # no EOS (it would stop both) and only bytes
+  assert tokenizer.decode(new) == want           # invalid UTF-8 decodes to U+FFFD on both sides
+
+
+def test_gated_polynorm_export_uses_motifs_names(export):
+  """Motif's gated PolyNorm MLP: gate/up/down projections and act_fn.weight [3], .bias [1]."""
+  _, _, _, _, hf_dir = export("polynorm_glu")
+  tensors = load_file(os.path.join(hf_dir, "model.safetensors"))
+  mlp = {n.removeprefix("model.layers.0.mlp."): t.shape for n, t in tensors.items()
+         if n.startswith("model.layers.0.mlp.")}
+  f = mlp["up_proj.weight"][0]
+  assert mlp == {"gate_proj.weight": (f, 64), "up_proj.weight": (f, 64),
+                 "down_proj.weight": (64, f), "act_fn.weight": (3,), "act_fn.bias": (1,)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -319,6 +338,27 @@ def test_qk_norm_and_tied_embeddings_match_transformers_qwen3(torch_llama):
   with torch.no_grad():
     got = torch_model(torch.as_tensor(tokens)).logits.numpy()
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_remote_code_with_qk_norm_gives_the_jax_logits(torch_llama, tmp_path):
+  """PolyReLU with per-head QK-norm: the remote code takes Qwen3's attention, the directory reads
+  back (without its polycom_jax block) as the same model fields."""
+  import torch
+  mc = _model_config(activation="polyrelu", qk_norm="head", rope_theta=500.0, activation_order=2)
+  abstract = nnx.eval_shape(lambda: model_lib.Transformer(mc, nnx.Rngs(0)))
+  state = _random_like(nnx.state(abstract, nnx.Param), seed=2)
+  hf = interop.hf_config(mc)
+  assert hf["architectures"] == ["PolycomForCausalLM"] and hf["qk_norm"] is True
+  fields = interop.model_fields_from_hf(hf)
+  assert (fields["qk_norm"], fields["activation"], fields["activation_order"]) == (
+      "head", "polyrelu", 2)
+  interop.write_model_dir(str(tmp_path), hf_layout.to_hf_state_dict(
+      jax.device_get(nnx.to_pure_dict(state)), mc), hf, mc)
+  tokens = np.random.RandomState(0).randint(0, mc.vocab_size, (2, 24))
+  want = np.asarray(nnx.merge(nnx.graphdef(abstract), state)(jnp.asarray(tokens)))
+  with torch.no_grad():
+    got = _hf_model(str(tmp_path))(torch.as_tensor(tokens)).logits.numpy()
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 def test_model_fields_from_a_plain_llama_config(torch_llama):

@@ -70,6 +70,10 @@ class SentencePieceTokenizer:
   def decode(self, ids) -> str:
     return self._sp.decode([int(i) for i in ids])
 
+  def piece(self, token_id: int) -> str:
+    """The vocabulary string of an id (a special token's name, for a tokenizer_config.json)."""
+    return self._sp.id_to_piece(int(token_id))
+
   def token_byte_lengths(self) -> np.ndarray:
     # '\u2581' is SentencePiece's space; the leading space it adds to a text is counted too.
     lengths = np.zeros([self.vocab_size], np.int32)
@@ -113,6 +117,10 @@ class HuggingFaceTokenizer:
 
   def decode(self, ids) -> str:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+  def piece(self, token_id: int) -> str:
+    """The vocabulary string of an id (a special token's name, for a tokenizer_config.json)."""
+    return self._tok.id_to_token(int(token_id))
 
   def token_byte_lengths(self) -> np.ndarray:
     # Byte-level BPE maps each byte to one character; other models spell pieces in text.
