@@ -116,6 +116,8 @@ def get_config() -> ml_collections.ConfigDict:
   e.max_batches = 64            # 0: the whole validation split
   e.acc_norm_per = "chars"      # downstream acc_norm: log-likelihood per character (as
                                 # lm-evaluation-harness) or per UTF-8 byte ("bytes")
+  e.start_token = "eos"         # downstream requests start with EOS, as training documents do
+                                # (and the harness on an export); "none": the context alone
 
   # --- mesh ----------------------------------------------------------------------------------
   mesh = c.mesh = ml_collections.ConfigDict()

@@ -159,6 +159,21 @@ def test_acc_norm_divides_by_characters_like_the_harness_or_by_bytes():
     scoring.accuracy([ex], logprobs, per="tokens")
 
 
+def test_start_token_eos_or_none(tiny):
+  """"eos" puts EOS before the context (as training documents); "none" scores the context alone
+  (the first context byte is then not predicted); EOS still starts an empty context."""
+  tok = setup_lib.setup(tiny()).tokenizer
+  eos = scoring.make_request(tok, "ab", " c", 32, "eos")
+  none = scoring.make_request(tok, "ab", " c", 32, "none")
+  assert list(eos.inputs) == [tok.eos_id, *b"ab "] and list(none.inputs) == [*b"ab "]
+  assert list(eos.targets[-2:]) == list(none.targets[-2:]) == [*b" c"]
+  assert list(scoring.make_request(tok, "", "c", 32, "none").inputs) == [tok.eos_id]
+  config = tiny()
+  config.eval.start_token = "bos"
+  with pytest.raises(ConfigError, match="config.eval.start_token"):
+    scoring.check_eval_config(config)
+
+
 def test_results_file_and_table(packed, tmp_path):
   results = {"arc_easy": {"acc": 0.5, "acc_stderr": 0.1, "acc_norm": 0.6, "acc_norm_stderr": 0.1,
                           "n": 26, "skipped": 1, "truncated_requests": 0, "source": "x"}}

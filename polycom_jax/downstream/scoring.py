@@ -52,10 +52,18 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
   return context_ids, tokenizer.encode(context + continuation)[len(context_ids):]
 
 
-def make_request(tokenizer, context: str, continuation: str, seq_len: int) -> Request:
-  """The request for one pair, its tokens cut from the left to seq_len + 1."""
+START_TOKENS = ("eos", "none")
+
+
+def make_request(tokenizer, context: str, continuation: str, seq_len: int,
+                 start_token: str = "eos") -> Request:
+  """The request for one pair, its tokens cut from the left to seq_len + 1. start_token "eos":
+  EOS first, as training sees every document (and as lm-evaluation-harness does on this
+  project's exported tokenizer, which adds it as BOS); "none": the context alone (the harness
+  with add_bos_token=False, or a tokenizer that adds nothing), EOS only for an empty context."""
   context_ids, continuation_ids = encode_pair(tokenizer, context, continuation)
-  tokens = [tokenizer.eos_id] + context_ids + continuation_ids
+  start = [tokenizer.eos_id] if start_token == "eos" or not context_ids else []
+  tokens = start + context_ids + continuation_ids
   kept = np.asarray(tokens[-(seq_len + 1):], np.int32)                # [n + 1]
   return Request(kept[:-1], kept[1:], min(len(continuation_ids), len(kept) - 1),
                  len(tokens) > seq_len + 1)
@@ -177,7 +185,8 @@ def score_examples(s: setup_lib.Setup, score_step, params,
   """Log-likelihood of every choice of every example, flattened [sum of choices], and how many
   requests had their context cut."""
   seq_len, tokenizer = s.config.data.seq_len, s.tokenizer
-  requests = [make_request(tokenizer, ctx, cont, seq_len)
+  start = s.config.eval.get("start_token", "eos")
+  requests = [make_request(tokenizer, ctx, cont, seq_len, start)
               for ex in examples for ctx, cont in ex.requests()]
   rows, spans = pack(requests, seq_len, tokenizer.pad_id, s.model_config.document_mask,
                      s.config.eval.batch_size)
@@ -186,21 +195,33 @@ def score_examples(s: setup_lib.Setup, score_step, params,
 
 
 def evaluate_tasks(s: setup_lib.Setup, params, tasks: list[TaskData]) -> dict[str, dict]:
-  """Per task: acc, acc_norm, their standard errors, n, and what was skipped or truncated."""
+  """Per task: acc, acc_norm, their standard errors, n, what was skipped or truncated, and every
+  choice's log-likelihood (per example, for item-by-item comparison with the harness)."""
   per = s.config.eval.get("acc_norm_per", "chars")
   score_step = make_score_step(s)
   results = {}
   for task in tasks:
     logprobs, truncated = score_examples(s, score_step, params, task.examples)
+    bounds = np.cumsum([0] + [len(ex.choices) for ex in task.examples])
     results[task.name] = {**accuracy(task.examples, logprobs, per), "skipped": task.skipped,
-                          "truncated_requests": truncated, "source": task.source}
+                          "truncated_requests": truncated, "source": task.source,
+                          "loglikelihoods": [logprobs[a:b].tolist()
+                                             for a, b in zip(bounds[:-1], bounds[1:])]}
   return results
+
+
+def check_eval_config(config):
+  """The downstream settings of config.eval, checked before anything is restored."""
+  choice_length(config.eval.get("acc_norm_per", "chars"))
+  start = config.eval.get("start_token", "eos")
+  require(start in START_TOKENS, "config.eval.start_token",
+          f"must be one of {START_TOKENS}, got {start!r}")
 
 
 def evaluate_checkpoint(config, workdir: str, step: int | None,
                         tasks: list[TaskData]) -> dict:
   """{step, tasks: per-task results, path} for a workdir's checkpoint; process 0 writes them."""
-  choice_length(config.eval.get("acc_norm_per", "chars"))     # a bad unit fails first
+  check_eval_config(config)                                   # bad settings fail first
   s, params, step = evaluation.restore_params(config, workdir, step)
   out = {"step": step, "tasks": evaluate_tasks(s, params, tasks)}
   if jax.process_index() == 0:
