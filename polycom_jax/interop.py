@@ -202,6 +202,7 @@ def export_checkpoint(config, workdir: str, out_dir: str, step: int | None = Non
   """Writes the workdir's checkpoint at step (default: the latest) to out_dir as a Hugging Face
   directory (model.safetensors + config.json); returns the step exported."""
   hf_layout.check_supported(model_lib.ModelConfig.from_config(config.model))
+  tokenizer_files = hf_tokenizer.tokenizer_files(config.data, data_lib.get_tokenizer(config.data))
   s, params, step = evaluation.restore_params(config, workdir, step)
   host = jax.tree.map(_to_host, nnx.to_pure_dict(params))
   tensors = hf_layout.to_hf_state_dict(host, s.model_config)
@@ -209,7 +210,7 @@ def export_checkpoint(config, workdir: str, out_dir: str, step: int | None = Non
   hf["polycom_jax"]["step"] = step
   if jax.process_index() == 0:
     write_model_dir(out_dir, tensors, hf, s.model_config)
-    hf_tokenizer.write(config.data, s.tokenizer, out_dir)
+    hf_tokenizer.write(tokenizer_files, out_dir)
     write_json(out_dir, "generation_config.json", _generation_config(s))
   return step
 

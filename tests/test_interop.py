@@ -547,3 +547,64 @@ def test_damaged_hf_files_are_named(tmp_path):
   weights.write_bytes(weights.read_bytes()[:1000])
   with pytest.raises(ConfigError, match="model.safetensors cannot be read.*truncated"):
     hf_files.read_hf_dir(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------
+# Tokenizers in the export
+
+def _sentencepiece_model(tmp_path, model_type: str = "unigram") -> str:
+  import random
+  import sentencepiece as spm
+  rng = random.Random(0)
+  words = "the lazy fox packs rows quick brown jumps over ünïcode data model".split()
+  (tmp_path / "train.txt").write_text("\n".join(" ".join(rng.choice(words) for _ in range(12))
+                                                for _ in range(300)))
+  spm.SentencePieceTrainer.train(input=str(tmp_path / "train.txt"), model_type=model_type,
+                                 model_prefix=str(tmp_path / model_type), vocab_size=320,
+                                 byte_fallback=True, hard_vocab_limit=False, minloglevel=2)
+  return str(tmp_path / f"{model_type}.model")
+
+
+@pytest.mark.parametrize("kind", ["byte", "sentencepiece", "huggingface"])
+def test_exported_tokenizers_encode_as_training_does(kind, tmp_path, torch_llama):
+  """AutoTokenizer on the written files gives the run tokenizer's ids (EOS first with special
+  tokens for byte and SentencePiece) and decodes them back, on text with odd whitespace, NFKC
+  cases, characters outside the vocabulary (byte fallback) and emoji."""
+  import ml_collections
+  from transformers import AutoTokenizer
+  from polycom_jax import hf_tokenizer
+  path = {"byte": "", "sentencepiece": lambda: _sentencepiece_model(tmp_path),
+          "huggingface": lambda: _hf_tokenizer_json(tmp_path)}[kind]
+  data_config = ml_collections.ConfigDict({"tokenizer": kind,
+                                           "tokenizer_path": path() if path else ""})
+  ours = data_lib.get_tokenizer(data_config)
+  out = tmp_path / "export"
+  out.mkdir()
+  hf_tokenizer.write(hf_tokenizer.tokenizer_files(data_config, ours), str(out))
+  theirs = AutoTokenizer.from_pretrained(str(out))
+  start = [] if kind == "huggingface" else [ours.eos_id]
+  for text in ("the lazy fox packs rows", "  two  spaces\tand\nlines ", "ﬁne Ａｂｃ ünïcode 🌍 日本"):
+    assert theirs(text)["input_ids"] == start + ours.encode(text), text
+    assert theirs.decode(ours.encode(text)) == ours.decode(ours.encode(text))
+  assert theirs.eos_token_id == ours.eos_id and theirs.pad_token_id == ours.pad_id
+
+
+def _hf_tokenizer_json(tmp_path) -> str:
+  import tokenizers as hf
+  tok = hf.Tokenizer(hf.models.BPE())
+  tok.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = hf.decoders.ByteLevel()
+  trainer = hf.trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<pad>"],
+                                   initial_alphabet=hf.pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(["the lazy fox packs rows quick brown"] * 50, trainer)
+  tok.save(str(tmp_path / "tokenizer.json"))
+  return str(tmp_path / "tokenizer.json")
+
+
+def test_sentencepiece_bpe_models_are_refused_before_writing(tmp_path):
+  import ml_collections
+  from polycom_jax import hf_tokenizer
+  data_config = ml_collections.ConfigDict({"tokenizer": "sentencepiece",
+                                           "tokenizer_path": _sentencepiece_model(tmp_path, "bpe")})
+  with pytest.raises(ConfigError, match="only SentencePiece Unigram"):
+    hf_tokenizer.tokenizer_files(data_config, data_lib.get_tokenizer(data_config))
