@@ -18,6 +18,7 @@ from polycom_jax import data as data_lib
 from polycom_jax import evaluation
 from polycom_jax import metrics as metrics_lib
 from polycom_jax import model as model_lib
+from polycom_jax import moe
 from polycom_jax import setup as setup_lib
 from polycom_jax import steps as steps_lib
 from polycom_jax.config_errors import RunError
@@ -120,8 +121,7 @@ class StepLog:
             "skipped_updates": self.skipped, "tokens_seen": step * self.tokens_per_step,
             "mfu": tps and metrics_lib.mfu(self.flops_per_token, tps, jax.device_count(),
                                            self.device_kind),
-            **{f"moe_{k}": float(m[k]) for k in ("load_balance", "router_z", "dropped")
-               if k in m}}
+            **{f"moe_{k}": float(m[k]) for k in moe.aux_names(self.s.model_config)}}
     if self.eval_due(step):
       s = self.s
       ev = evaluation.evaluate(s, self.eval_step, params, evaluation.eval_batches(
