@@ -37,7 +37,7 @@ def get_config():
                  "num_experts_per_tok": 2, "moe_ungated_d_ff": 96},
   })
   e.moe_activations = ("polynorm", "swiglu")
-  e.tokens_per_param = 20
+  e.tokens_per_param = 20.0
   e.learning_rates = (3e-3, 1e-2, 3e-2)   # log-spaced; extended past an edge that wins
   e.lr_factor = 3.0
   e.max_lr_extensions = 2

@@ -34,7 +34,7 @@ def get_config():
               "ungated_d_ff": 2048, "d_ff_multiple_of": 64},
   })
   e.moe_activations = ()
-  e.tokens_per_param = 2
+  e.tokens_per_param = 2.0
   e.learning_rates = (1e-3, 3e-3, 1e-2)
   e.lr_factor = 3.0
   e.max_lr_extensions = 1

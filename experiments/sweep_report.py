@@ -174,7 +174,7 @@ def write(base, done: list[dict], todo: list[tuple], out: str, command: str):
   base_line = baselines(base, out)
   parts = [f"# Activation comparison: {exp.title}\n", f"`{command}`\n",
            f"Protocol: [experiments/PROTOCOL.md](../../PROTOCOL.md). Held-out loss in nats per "
-           f"token on {base_line['tokens']:,} validation tokens, after {exp.tokens_per_param} "
+           f"token on {base_line['tokens']:,} validation tokens, after {exp.tokens_per_param:g} "
            f"tokens per parameter. Baselines on the same text: unigram "
            f"{base_line['unigram']:.4f}" + (f", gzip -9 {base_line['gzip']:.4f}"
                                              if "gzip" in base_line else "") + ".\n"]

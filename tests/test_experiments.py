@@ -19,21 +19,12 @@ def _base(corpus_glob, data_dir):
   c = tiny_config(corpus_glob, data_dir)
   c.train.update(global_batch_size=8, log_every=1)
   c.eval.update(batch_size=8, max_batches=2)
-  e = c.experiment = ml_collections.ConfigDict()
-  e.title = "test"
-  e.activations = ("polynorm", "swiglu", "gelu", "relu2")
-  e.reference = "swiglu"
-  e.sizes = ml_collections.ConfigDict({"xs": {"d_model": 32, "num_layers": 1, "num_heads": 2,
-                                              "num_kv_heads": 2, "ungated_d_ff": 64}})
-  e.moe_activations = ()
-  e.tokens_per_param = 0.01
-  e.learning_rates = (1e-3, 3e-3, 1e-2)
-  e.lr_factor = 3.0
-  e.max_lr_extensions = 2
-  e.seeds = (0, 1, 2)
-  e.min_lr_fraction = 0.1
-  e.warmup_fraction = 0.1
-  e.evals_per_run = 2
+  from configs import sweep_cpu
+  c.experiment = sweep_cpu.get_config().experiment      # the study's settings, made tiny
+  c.experiment.update(activations=("polynorm", "swiglu", "gelu", "relu2"), moe_activations=(),
+                      tokens_per_param=0.01, learning_rates=(1e-3, 3e-3, 1e-2), evals_per_run=2)
+  c.experiment.sizes = ml_collections.ConfigDict({"xs": {
+      "d_model": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 2, "ungated_d_ff": 64}})
   return c
 
 
