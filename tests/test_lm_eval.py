@@ -6,7 +6,6 @@ Both sides are float32 (JAX on one side, PyTorch on the other): log-likelihoods 
 agree to 1e-4 absolute. Choices include non-ASCII words, where acc_norm by characters (the
 harness's and eval.py's default) and by bytes divide differently."""
 
-import glob
 import json
 import os
 import subprocess
@@ -72,40 +71,54 @@ def exported(tmp_path_factory, corpus_glob, data_dir):
   return config, workdir, hf_dir
 
 
-def _harness(hf_dir: str, task_dir: str, out_dir: str, add_bos: bool | None) -> list[dict]:
-  """The harness's per-document samples, run offline in a subprocess with its own HF_HOME."""
-  home = os.path.join(out_dir, "hf_home")
-  env = dict(os.environ, HF_HOME=home, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-             TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-  model_args = f"pretrained={hf_dir},dtype=float32,trust_remote_code=True"
+# Both conventions in one interpreter (one import of torch, transformers and the harness).
+HARNESS = """
+import json, sys
+import lm_eval
+from lm_eval.tasks import TaskManager
+hf_dir, task_dir, out = sys.argv[1:]
+manager, result = TaskManager(include_path=task_dir), {}
+for name, add_bos in (("default", None), ("no_bos", False)):
+  args = {"pretrained": hf_dir, "dtype": "float32", "trust_remote_code": True}
   if add_bos is not None:
-    model_args += f",add_bos_token={add_bos}"
-  proc = subprocess.run(
-      [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args", model_args,
-       "--tasks", "polycom_agreement", "--include_path", task_dir, "--device", "cpu",
-       "--batch_size", "4", "--log_samples", "--output_path", out_dir],
-      env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  [samples] = glob.glob(os.path.join(out_dir, "**", "samples_polycom_agreement_*.jsonl"),
-                        recursive=True)
-  with open(samples) as f:
-    docs = [json.loads(line) for line in f]
-  return sorted(docs, key=lambda d: d["doc_id"])
+    args["add_bos_token"] = add_bos
+  r = lm_eval.simple_evaluate(model="hf", model_args=args, tasks=["polycom_agreement"],
+                              task_manager=manager, device="cpu", batch_size=4, log_samples=True)
+  result[name] = sorted(({k: d[k] for k in ("doc_id", "doc", "filtered_resps", "acc", "acc_norm")}
+                         for d in r["samples"]["polycom_agreement"]), key=lambda d: d["doc_id"])
+with open(out, "w") as f:
+  json.dump(result, f, default=list)
+"""
 
 
-@pytest.mark.parametrize("start_token,add_bos", [("eos", None), ("none", False)])
-def test_eval_tasks_agree_with_lm_eval_item_by_item(exported, tmp_path, start_token, add_bos):
-  """The harness's default on the export (its tokenizer puts EOS first) is eval.py's default
-  start_token="eos"; add_bos_token=False is start_token="none"."""
-  config, workdir, hf_dir = exported
-  path = tmp_path / "items.jsonl"
+@pytest.fixture(scope="module")
+def harness(exported, tmp_path_factory):
+  """(items path, {"default": docs, "no_bos": docs}): the harness's per-document samples on the
+  export, run offline in a subprocess with its own HF_HOME."""
+  _, _, hf_dir = exported
+  root = tmp_path_factory.mktemp("harness")
+  path = root / "items.jsonl"
   path.write_text("".join(json.dumps(item, ensure_ascii=False) + "\n" for item in ITEMS),
                   encoding="utf-8")
-  task_dir = tmp_path / "tasks"
-  task_dir.mkdir()
-  (task_dir / "polycom_agreement.yaml").write_text(TASK_YAML.format(path=path))
-  docs = _harness(hf_dir, str(task_dir), str(tmp_path / "harness"), add_bos)
+  (root / "tasks").mkdir()
+  (root / "tasks" / "polycom_agreement.yaml").write_text(TASK_YAML.format(path=path))
+  env = dict(os.environ, HF_HOME=str(root / "hf_home"), HF_HUB_OFFLINE="1",
+             HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+  out = root / "samples.json"
+  proc = subprocess.run([sys.executable, "-c", HARNESS, hf_dir, str(root / "tasks"), str(out)],
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return path, json.loads(out.read_text())
 
+
+@pytest.mark.parametrize("start_token,convention", [("eos", "default"), ("none", "no_bos")])
+def test_eval_tasks_agree_with_lm_eval_item_by_item(exported, harness, tmp_path, start_token,
+                                                    convention):
+  """The harness's default on the export (its tokenizer puts EOS first) is eval.py's default
+  start_token="eos"; add_bos_token=False is start_token="none"."""
+  config, workdir, _ = exported
+  path, samples = harness
+  docs = samples[convention]
   config = config.copy_and_resolve_references()
   config.eval.start_token = start_token
   tasks = downstream.load_tasks(f"agreement={path}", str(tmp_path))
@@ -123,3 +136,6 @@ def test_eval_tasks_agree_with_lm_eval_item_by_item(exported, tmp_path, start_to
       [np.argmax(np.array(ll) / n) == item["gold"]
        for ll, n, item in zip(ours["loglikelihoods"], lengths, ITEMS)])
   assert len(set(map(tuple, ours["loglikelihoods"]))) == len(ITEMS)   # not all one value
+  other = samples["no_bos" if convention == "default" else "default"]
+  assert not np.allclose([float(r[0]) for d in other for r in d["filtered_resps"]],
+                         [v for ll in ours["loglikelihoods"] for v in ll], atol=1e-3)
