@@ -185,8 +185,9 @@ def write(base, done: list[dict], todo: list[tuple], out: str, command: str):
                 ""]
     else:
       parts.append("No arm has finished all its seeds yet.\n")
-    parts += [f"Learning-rate sweep (seed {exp.seeds[0]}, held-out loss):\n",
-              lr_table(size, done, exp.seeds[0]), ""]
+    if any(r["size"] == size for r in done):
+      parts += [f"Learning-rate sweep (seed {exp.seeds[0]}, held-out loss):\n",
+                lr_table(size, done, exp.seeds[0]), ""]
   figures = plotting.sweep_figures(done, arms, exp, out)
   parts.append("\n".join(f"![{name}]({name})" for name in figures) + "\n")
   if todo:
