@@ -19,6 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from polycom_jax import paths
 from polycom_jax.config_errors import ConfigError, RunError
 
 # Config fields that must agree between a checkpoint and the run restoring it (the params'
@@ -60,20 +61,17 @@ def this_process_data_state(saved: dict) -> dict | None:
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  return paths.join(paths.resolve(workdir, "--workdir"), "checkpoints")
 
 
 def incomplete_checkpoints(directory: str) -> list[str]:
   """Step folders a killed save left behind: Orbax's tmp folders, or steps never committed."""
-  if not os.path.isdir(directory):
-    return []
   found = []
-  for name in sorted(os.listdir(directory)):
-    path = os.path.join(directory, name)
+  for name in paths.listdir(directory):
+    path = paths.join(directory, name)
     if ".orbax-checkpoint-tmp" in name:
       found.append(path)
-    elif re.fullmatch(r"\d+", name) and not os.path.exists(os.path.join(path,
-                                                                       "commit_success.txt")):
+    elif re.fullmatch(r"\d+", name) and not paths.exists(paths.join(path, "commit_success.txt")):
       found.append(path)
   return found
 
@@ -157,7 +155,7 @@ class Checkpointer:
     damaged = []
     try:
       for step in reversed(self.steps()):
-        path = os.path.join(self.directory, str(step))
+        path = paths.join(self.directory, str(step))
         if step in uncommitted:
           damaged.append(step)
           continue
@@ -185,15 +183,15 @@ class Checkpointer:
 
   def _set_aside(self, steps: list[int], warn: Callable[[str], None]):
     """Moves damaged step folders out of the manager's sight, to be written again."""
-    target = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
+    target = paths.join(os.path.dirname(self.directory), "corrupt_checkpoints")
     if jax.process_index() == 0:
-      os.makedirs(target, exist_ok=True)
+      paths.makedirs(target)
       for step in steps:
-        dest = os.path.join(target, str(step))
+        dest = paths.join(target, str(step))
         n = 1
-        while os.path.exists(dest):
-          dest, n = os.path.join(target, f"{step}.{n}"), n + 1
-        os.rename(os.path.join(self.directory, str(step)), dest)
+        while paths.exists(dest):
+          dest, n = paths.join(target, f"{step}.{n}"), n + 1
+        paths.move_tree(paths.join(self.directory, str(step)), dest)
         warn(f"warning: moved the damaged checkpoint of step {step} to {dest}; this run "
              "writes that step again")
     if jax.process_count() > 1:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Any, Iterable, Iterator
 
 import jax
@@ -17,6 +16,7 @@ from polycom_jax import checkpoint as ckpt_lib
 from polycom_jax import data as data_lib
 from polycom_jax import metrics as metrics_lib
 from polycom_jax import model as model_lib
+from polycom_jax import paths
 from polycom_jax import setup as setup_lib
 from polycom_jax import steps as steps_lib
 from polycom_jax.config_errors import ConfigError
@@ -54,7 +54,7 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, step: int | 
   """(setup, params, step) for a workdir's checkpoint, resharded onto this run's mesh. Reads
   only: a workdir without checkpoints is an error, not a folder created."""
   s = setup_lib.setup(config, devices)
-  if not os.path.isdir(ckpt_lib.checkpoint_dir(workdir)):
+  if not paths.isdir(ckpt_lib.checkpoint_dir(workdir)):
     raise ConfigError(f"--workdir={workdir}: no checkpoint found "
                       f"({ckpt_lib.checkpoint_dir(workdir)} does not exist); is the path right?")
   checkpointer = ckpt_lib.Checkpointer(workdir, async_save=False)
@@ -71,7 +71,7 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, step: int | 
         state, _ = checkpointer.restore(step, s.abstract_state)
       except Exception as e:
         raise ckpt_lib.CheckpointError(
-            f"checkpoint {os.path.join(checkpointer.directory, str(step))} is corrupt: "
+            f"checkpoint {paths.join(checkpointer.directory, str(step))} is corrupt: "
             f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
   finally:
     checkpointer.close()
@@ -108,16 +108,15 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   if with_unigram:
     result["unigram_loss"] = unigram_loss(s, num_train_batches=50, eval_max_batches=e.max_batches)
   if jax.process_index() == 0:
-    out_dir = os.path.join(workdir, "eval")
-    path = os.path.join(out_dir, f"metrics_step_{step}.json")
+    out_dir = paths.join(paths.resolve(workdir, "--workdir"), "eval")
+    path = paths.join(out_dir, f"metrics_step_{step}.json")
     try:
-      os.makedirs(out_dir, exist_ok=True)
-      with open(path, "w") as f:
-        json.dump(result, f, indent=2)
+      paths.makedirs(out_dir)
+      paths.write_text(path, json.dumps(result, indent=2))
       result["path"] = path
-    except OSError as e:      # a read-only workdir: the numbers are still returned and printed
-      metrics_lib.log(f"warning: could not write {path} ({e.strerror or e}); the results are "
-                      "printed below only")
+    except Exception as e:  # a read-only workdir or bucket: the numbers are printed all the same
+      metrics_lib.log(f"warning: could not write {path} ({getattr(e, 'strerror', None) or e}); "
+                      "the results are printed below only")
   return result
 
 

@@ -31,6 +31,7 @@ from polycom_jax import hf_layout
 from polycom_jax import hf_remote
 from polycom_jax import hf_tokenizer
 from polycom_jax import model as model_lib
+from polycom_jax import paths
 from polycom_jax import setup as setup_lib
 from polycom_jax.config_errors import ConfigError
 from polycom_jax.hf_files import CONFIG_FILE, read_hf_dir, write_hf_dir, write_json
@@ -257,8 +258,7 @@ def _fresh_data_state(s: setup_lib.Setup) -> dict:
 def _require_no_checkpoints(workdir: str):
   """An import starts a run: refuse a workdir whose own checkpoints train.py would resume from."""
   directory = ckpt_lib.checkpoint_dir(workdir)
-  steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(
-      directory) else []
+  steps = sorted(int(n) for n in paths.listdir(directory) if n.isdigit())
   if steps:
     raise ConfigError(f"--workdir={workdir} already has checkpoints {steps}; import into an "
                       "empty workdir")
@@ -295,4 +295,4 @@ def _write_imported(s: setup_lib.Setup, config, values, workdir: str, step: int)
                       force=True)
   finally:
     checkpointer.close()
-  return os.path.join(checkpointer.directory, str(step))
+  return paths.join(checkpointer.directory, str(step))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from typing import Callable
@@ -18,6 +17,7 @@ from polycom_jax import data as data_lib
 from polycom_jax import evaluation
 from polycom_jax import metrics as metrics_lib
 from polycom_jax import model as model_lib
+from polycom_jax import paths
 from polycom_jax import moe
 from polycom_jax import setup as setup_lib
 from polycom_jax import steps as steps_lib
@@ -172,6 +172,7 @@ def _save(checkpointer, step: int, state, train_iter, config_dict: dict, force: 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from the workdir's latest checkpoint if any); returns the last metrics.
   A second run on the same workdir is refused while this one holds it (WorkdirLock)."""
+  workdir = paths.resolve(workdir, "--workdir")
   s = setup_lib.setup(config)
   setup_lib.check_workdir(workdir)
   data_lib.check_data_config(config.data)
@@ -236,7 +237,7 @@ def _train(s: setup_lib.Setup, config: ml_collections.ConfigDict, workdir: str) 
       _save(checkpointer, step, state, train_iter, config_dict, force=True)
     checkpointer.close()
     log(f"done: step {step}, checkpoints in {checkpointer.directory}, "
-        f"metrics in {os.path.join(workdir, 'metrics.jsonl')}")
+        f"metrics in {paths.join(workdir, 'metrics.jsonl')}")
     return {"step": step, **step_log.last}
   finally:
     # Each is closed even when another fails, and a failure here never hides the error that

@@ -4,10 +4,11 @@ one-process console log."""
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import jax
+
+from polycom_jax import paths
 
 # Dense bf16 peak FLOP/s per chip, by jax's device_kind (vendor data sheets); a kind is matched
 # exactly, else by the longest listed prefix ("NVIDIA H100 PCIe" is not the SXM card).
@@ -52,27 +53,24 @@ def mfu(flops_per_token: float, tokens_per_sec: float, num_devices: int,
 
 class MetricWriter:
   """Writes one JSON object per logged step to WORKDIR/metrics.jsonl and TensorBoard events
-  to WORKDIR/tensorboard; only process 0 writes."""
+  to WORKDIR/tensorboard; only process 0 writes. WORKDIR may be a gs:// URI."""
 
   def __init__(self, workdir: str, filename: str = "metrics.jsonl", resume_step: int = 0,
                tensorboard: bool = True):
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
-    path = os.path.join(workdir, filename)
-    _drop_records_after(path, resume_step)
-    self._jsonl = open(path, "a")
+    self._jsonl = _JsonLines(paths.join(workdir, filename), resume_step)
     self._tb = None
     if tensorboard:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(paths.join(workdir, "tensorboard"))
 
   def write(self, step: int, metrics: dict):
     if not self.enabled:
       return
     record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
+    self._jsonl.append(json.dumps(record) + "\n")
     for k, v in record.items():
       if self._tb and k != "step" and isinstance(v, (int, float)):
         self._tb.add_scalar(k, v, step)
@@ -84,19 +82,32 @@ class MetricWriter:
         self._tb.close()
 
 
-def _drop_records_after(path: str, step: int):
-  """A run resumed at `step` logs steps after it again: drop the stale records of the run that
-  was interrupted, so every step appears once."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = f.readlines()
-  keep = [line for line in lines if _record_step(line) <= step]
-  if len(keep) != len(lines):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(keep)
-    os.replace(tmp, path)
+class _JsonLines:
+  """A JSONL file that grows by a line per log. A run resumed at `resume_step` logs the steps
+  after it again, so the records the interrupted run wrote past it are dropped first (every
+  step appears once). Locally the file is appended to and flushed; an object store cannot
+  append, so a gs:// file is uploaded again whole at each line (one atomic object write: a
+  reader sees the file with or without the newest line)."""
+
+  def __init__(self, path: str, resume_step: int):
+    self.path = path
+    lines = paths.read_text(path).splitlines(keepends=True) if paths.exists(path) else []
+    self._lines = [line for line in lines if _record_step(line) <= resume_step]
+    if len(self._lines) != len(lines):
+      paths.write_text(path, "".join(self._lines))
+    self._file = None if paths.is_uri(path) else open(path, "a", encoding="utf-8")
+
+  def append(self, line: str):
+    if self._file is None:
+      self._lines.append(line)
+      paths.write_text(self.path, "".join(self._lines))
+    else:
+      self._file.write(line)
+      self._file.flush()
+
+  def close(self):
+    if self._file is not None:
+      self._file.close()
 
 
 def _record_step(line: str) -> float:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from typing import Any, Callable
 
@@ -24,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 from polycom_jax import data as data_lib
 from polycom_jax import model as model_lib
 from polycom_jax import optimizer as opt_lib
+from polycom_jax import paths
 from polycom_jax import sharding as sharding_lib
 from polycom_jax.config_errors import ConfigError, require
 
@@ -146,11 +146,11 @@ def config_as_dict(config: ml_collections.ConfigDict) -> dict:
 
 def check_workdir(workdir: str):
   """The workdir exists (created if needed) and is writable, or a ConfigError says why."""
+  workdir = paths.resolve(workdir, "--workdir")
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_probe_{jax.process_index()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise ConfigError(f"--workdir={workdir} is not writable: {e}") from None
+    paths.makedirs(workdir)
+    probe = paths.join(workdir, f".write_probe_{jax.process_index()}")
+    paths.write_text(probe, "ok")
+    paths.remove(probe)
+  except Exception as e:  # OSError locally; gcsfs and google-auth raise their own types
+    raise ConfigError(f"--workdir={workdir} is not writable: {type(e).__name__}: {e}") from None

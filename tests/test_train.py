@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import jax
 import jax.extend
@@ -290,13 +291,13 @@ def test_eval_on_a_read_only_workdir_still_returns_the_numbers(finished_run, mon
   """Writing eval/metrics_step_N.json fails (tests run as root, so the failure is injected):
   the evaluation's result is returned (and eval.py prints it), with a warning."""
   config, workdir, result = finished_run
-  real_open = open
+  real_mkstemp = tempfile.mkstemp
 
-  def read_only(path, mode="r", *args, **kwargs):
-    if "w" in mode and "/eval/" in str(path):
-      raise PermissionError(13, "Permission denied", str(path))
-    return real_open(path, mode, *args, **kwargs)
-  monkeypatch.setattr("builtins.open", read_only)
+  def read_only(*args, dir=None, **kwargs):           # paths.write_text's temporary file
+    if "/eval" in str(dir):
+      raise PermissionError(13, "Permission denied", str(dir))
+    return real_mkstemp(*args, dir=dir, **kwargs)
+  monkeypatch.setattr("tempfile.mkstemp", read_only)
   out = evaluation.evaluate_checkpoint(config, workdir, with_unigram=False)
   assert "path" not in out and out["loss"] == pytest.approx(result["eval_loss"], rel=1e-6)
   assert "could not write" in capsys.readouterr().out

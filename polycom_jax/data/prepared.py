@@ -12,7 +12,10 @@ A directory per (source, split, tokenizer and its file's hash, seq_len, format v
 DATA_DIR/prepared/: `rows-NNNNN.array_record` shards and `manifest.json` (source, tokenizer,
 seq_len, dtype, row, token and document counts, split, shards). It is written in a temporary
 folder and renamed into place with its manifest, so an interrupted preparation is never taken
-for a finished one; preparing again finds it and does nothing. Tokenization runs in worker
+for a finished one; preparing again finds it and does nothing. config.data.prepared_dir may be a
+gs:// URI: the rows are then written in a local temporary folder and uploaded, the manifest
+last (an object store has no rename; no manifest still means unfinished), and read from the
+bucket by grain's ArrayRecord reader. Tokenization runs in worker
 processes (spawned: the parent may hold JAX's threads) in source order, so the bytes written do
 not depend on the number of workers.
 """
@@ -27,12 +30,14 @@ import multiprocessing
 import os
 import shutil
 import sys
+import tempfile
 import time
 from typing import Any, Iterator
 
 import numpy as np
 from array_record.python import array_record_module
 
+from polycom_jax import paths
 from polycom_jax.config_errors import ConfigError
 from polycom_jax.data import sources, tokenizers
 
@@ -69,8 +74,8 @@ def source_spec(data_config, split: str) -> dict:
   """What identifies the documents of a split: a glob of files, or a TFDS dataset and split."""
   if data_config.get("train_files", ""):
     field = {"train": "train_files", "eval": "eval_files"}[split]
-    paths = sources.split_files(data_config, field)
-    stats = [(p, os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths]
+    files = sources.split_files(data_config, field)
+    stats = [(p, os.path.getsize(p), os.stat(p).st_mtime_ns) for p in files]
     return {"kind": "files", "glob": os.path.abspath(os.path.expanduser(data_config[field])),
             "field": data_config.text_feature, "files": stats}
   tfds_split = data_config.train_split if split == "train" else data_config.eval_split
@@ -149,7 +154,8 @@ def directory(data_config, tokenizer, split: str) -> tuple[str, dict]:
   digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
   root = data_config.get("prepared_dir", "") or os.path.join(sources.resolve_data_dir(
       data_config), "prepared")
-  return os.path.join(os.path.abspath(os.path.expanduser(root)), f"{split}-{digest}"), key
+  root = paths.resolve(root, "config.data.prepared_dir")
+  return paths.join(root, f"{split}-{digest}"), key
 
 
 def _progress(rows: int, tokens: int, docs: int, start: float, total_docs: int | None):
@@ -215,23 +221,30 @@ def prepare(data_config, tokenizer, split: str, workers: int = 0) -> str:
   """The prepared directory of `split` ("train" or "eval"), written first if it is missing.
   workers: tokenizer processes (0: this machine's cores, 1: in this process)."""
   out, key = directory(data_config, tokenizer, split)
-  manifest_path = os.path.join(out, MANIFEST)
-  if os.path.exists(manifest_path):
+  manifest_path = paths.join(out, MANIFEST)
+  if paths.exists(manifest_path):
     return out
+  # A gs:// directory is prepared in a local folder, then uploaded; its lock is local (two
+  # hosts preparing the same rows write the same bytes).
+  local = not paths.is_uri(out)
+  staging = os.path.dirname(out) if local else os.path.join(
+      tempfile.gettempdir(), "polycom_jax_prepared", hashlib.sha256(out.encode()).hexdigest()[:16])
+  lock_path = os.path.join(staging, os.path.basename(out) + ".lock")
   try:
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    lock = open(out + ".lock", "w")
+    os.makedirs(staging, exist_ok=True)
+    lock = open(lock_path, "w")
   except OSError as e:
     field = "prepared_dir" if data_config.get("prepared_dir", "") else "data_dir"
     raise ConfigError(f"config.data.{field}: cannot write the prepared rows under "
-                      f"{os.path.dirname(out)} ({e.strerror or e})") from None
+                      f"{staging} ({e.strerror or e})") from None
   with lock:
     fcntl.flock(lock, fcntl.LOCK_EX)       # another process preparing the same: wait for it
-    if os.path.exists(manifest_path):
+    if paths.exists(manifest_path):
       return out
     workers = workers or min(os.cpu_count() or 1, 8)
-    tmp = f"{out}.tmp-{os.getpid()}"
-    for stale in glob.glob(f"{out}.tmp-*"):  # left by a killed preparation
+    base = os.path.join(staging, os.path.basename(out))
+    tmp = f"{base}.tmp-{os.getpid()}"
+    for stale in glob.glob(f"{base}.tmp-*"):  # left by a killed preparation
       shutil.rmtree(stale, ignore_errors=True)
     os.makedirs(tmp)
     print(f"preparing the {split} rows of {key['source'].get('name') or key['source']['glob']} "
@@ -241,25 +254,30 @@ def prepare(data_config, tokenizer, split: str, workers: int = 0) -> str:
       shutil.rmtree(tmp)
       raise ConfigError(f"the {split} split has fewer than seq_len + 1 = "
                         f"{data_config.seq_len + 1} tokens: no row to train on")
-    manifest = {**key, **counts}
-    with open(os.path.join(tmp, MANIFEST), "w") as f:
-      json.dump(manifest, f, indent=1)
-    os.rename(tmp, out)
+    manifest = json.dumps({**key, **counts}, indent=1)
+    if local:
+      with open(os.path.join(tmp, MANIFEST), "w") as f:
+        f.write(manifest)
+      os.rename(tmp, out)
+    else:
+      for shard in counts["shards"]:
+        paths.copy_file(os.path.join(tmp, shard), paths.join(out, shard))
+      paths.write_text(manifest_path, manifest)
+      shutil.rmtree(tmp)
   return out
 
 
 # ---- reading ------------------------------------------------------------------------------------
 
 def read_manifest(path: str) -> dict:
-  manifest_path = os.path.join(path, MANIFEST)
-  if not os.path.exists(manifest_path):
-    if glob.glob(os.path.join(path, "*.array_record")) or path.rsplit(".tmp-", 1)[0] != path:
+  manifest_path = paths.join(path, MANIFEST)
+  if not paths.exists(manifest_path):
+    if paths.glob(path, "*.array_record") or path.rsplit(".tmp-", 1)[0] != path:
       raise ConfigError(f"{path} is an unfinished preparation (no {MANIFEST}): delete it and "
                         "prepare again")
     raise ConfigError(f"{path} holds no prepared dataset (no {MANIFEST})")
   try:
-    with open(manifest_path) as f:
-      return json.load(f)
+    return json.loads(paths.read_text(manifest_path))
   except ValueError as e:
     raise ConfigError(f"{manifest_path} is not valid JSON ({e}): delete {path} and prepare "
                       "again") from None
@@ -290,12 +308,12 @@ class PreparedRows:
     import grain  # pylint: disable=g-import-not-at-top
     self.path, self.manifest, self._eos = path, read_manifest(path), eos_id
     self._dtype = np.dtype(self.manifest["dtype"])
-    paths = [os.path.join(path, s) for s in self.manifest["shards"]]
-    missing = [p for p in paths if not os.path.exists(p)]
+    shards = [paths.join(path, s) for s in self.manifest["shards"]]
+    missing = [p for p in shards if not paths.exists(p)]
     if missing:
       raise ConfigError(f"{path}: shard {missing[0]} listed in {MANIFEST} is missing: delete "
                         f"{path} and prepare again")
-    self._source = grain.sources.ArrayRecordDataSource(paths)
+    self._source = grain.sources.ArrayRecordDataSource(shards)
     if len(self._source) != self.manifest["rows"]:
       raise ConfigError(f"{path}: {len(self._source)} rows on disk, {self.manifest['rows']} in "
                         f"{MANIFEST}: delete {path} and prepare again")

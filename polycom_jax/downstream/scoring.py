@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from typing import Any, Callable
 
 import jax
@@ -22,7 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from polycom_jax import evaluation
+from polycom_jax import evaluation, paths
 from polycom_jax import setup as setup_lib
 from polycom_jax import sharding as sharding_lib
 from polycom_jax.config_errors import require
@@ -231,11 +230,10 @@ def evaluate_checkpoint(config, workdir: str, step: int | None,
 
 def write_results(workdir: str, step: int, results: dict[str, dict]) -> str:
   """Writes WORKDIR/eval/downstream_step_<step>.json; returns its path."""
-  out_dir = os.path.join(workdir, "eval")
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, f"downstream_step_{step}.json")
-  with open(path, "w") as f:
-    json.dump({"step": step, "tasks": results}, f, indent=2)
+  out_dir = paths.join(paths.resolve(workdir, "--workdir"), "eval")
+  paths.makedirs(out_dir)
+  path = paths.join(out_dir, f"downstream_step_{step}.json")
+  paths.write_text(path, json.dumps({"step": step, "tasks": results}, indent=2))
   return path
 
 
