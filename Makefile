@@ -32,4 +32,4 @@ train: venv
 	$(PY) eval.py --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: venv tpu-venv
-	POLYCOM_TPU_PYTHON=$(CURDIR)/$(TPU_VENV)/bin/python $(PY) -m pytest -q --durations=15 tests
+	POLYCOM_TPU_PYTHON=$(CURDIR)/$(TPU_VENV)/bin/python $(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests

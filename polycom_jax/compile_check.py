@@ -250,7 +250,9 @@ def largest_batch(config, devices, hbm: int, dp: int, first, out=sys.stdout) -> 
   """The largest global batch (a multiple of the data-parallel size dp, no gradient
   accumulation) whose train step fits in hbm per chip; 0 when not even dp fits. Memory is
   close to affine in the batch, so each compile's total predicts the next candidate; the
-  search keeps a bracket (largest that fits, smallest that does not) and stops when they meet."""
+  search keeps a bracket (largest that fits, smallest that does not) and stops when they meet.
+  When the prediction lands on the bracket's edge, the row next to it is tried: a right
+  prediction is confirmed in one compile instead of a bisection."""
   fits, fails = 0, None                            # in rows per data-parallel group
   seen = {}
 
@@ -287,8 +289,12 @@ def largest_batch(config, devices, hbm: int, dp: int, first, out=sys.stdout) -> 
         guess = r0 + int((hbm - t0) // slope)
     elif known and fails is None:
       guess = 2 * known[0][0]
-    if guess is None or guess <= fits or (fails is not None and guess >= fails):
+    if guess is None:
       guess = 2 * max(fits, 1) if fails is None else (fits + fails) // 2
+    else:       # the affine model's largest batch; at the bracket's edge, confirm the edge
+      guess = max(guess, fits + 1)
+      if fails is not None:
+        guess = min(guess, fails - 1)
     if try_rows(guess):
       fits = guess
     else:
