@@ -162,13 +162,12 @@ def best_lr(found: dict[float, float | None]) -> float:
 
 
 def arms(base) -> list[tuple[str, str]]:
-  """(size, activation) pairs of the study: every dense size x activation, then the MoE arms."""
-  exp, sizes = base.experiment, sweep_report.sizes_by_params(base)
-  pairs = [(size, act) for size in sizes if not size.startswith("moe")
-           for act in exp.activations]
-  pairs += [(size, act) for size in sizes if size.startswith("moe")
-            for act in exp.moe_activations]
-  return pairs
+  """(size, activation) pairs of the study, smallest model first (a sitting that stops early
+  leaves whole sizes, dense or MoE, compared): each dense size with every activation, each MoE
+  size with the MoE activations."""
+  exp = base.experiment
+  return [(size, act) for size in sweep_report.sizes_by_params(base)
+          for act in (exp.moe_activations if size.startswith("moe") else exp.activations)]
 
 
 def plan(base, cache: Cache) -> tuple[list[tuple], list[dict]]:

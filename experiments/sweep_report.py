@@ -80,7 +80,7 @@ def size_table(size: str, arms: dict, reference: str) -> str:
                 key=lambda kv: _losses(kv[1]).mean())
   ref = arms.get((size, reference))
   lines = [f"| activation | params | FLOPs/token | lr | val loss (mean ± std) | seeds | "
-           f"Δ vs {reference} | Welch p | tokens/s | wall s/run | PolyCom coefficients |",
+           f"Δ vs {reference} | Welch p | tokens/s | wall s/run (median) | PolyCom coefficients |",
            "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"]
   for act, runs in rows:
     losses = _losses(runs)
@@ -92,7 +92,7 @@ def size_table(size: str, arms: dict, reference: str) -> str:
     lines.append(f"| {act} | {runs[0]['params']:,} | {runs[0]['flops_per_token']:.3g} | "
                  f"{runs[0]['lr']:g} | {_mean_std(losses)} | {len(runs)} | {delta} | {p} | "
                  f"{np.mean([r['tokens_per_sec'] or 0 for r in runs]):,.0f} | "
-                 f"{np.mean([r['wall_s'] for r in runs]):.0f} | {_coefficients(runs)} |")
+                 f"{np.median([r['wall_s'] for r in runs]):.0f} | {_coefficients(runs)} |")
   return "\n".join(lines)
 
 
