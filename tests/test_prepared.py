@@ -240,6 +240,9 @@ def test_a_prepared_folder_that_does_not_match_is_refused(tmp_path, corpus):
     with pytest.raises(ConfigError, match=message):
       prepared.open_rows(_config(tmp_path, text_glob=corpus, prepared_train=str(folder)),
                          TOK, "train")
+  with pytest.raises(ConfigError, match=r"config.data.prepared_train=s3://b/rows: only local"):
+    prepared.open_rows(_config(tmp_path, text_glob=corpus, prepared_train="s3://b/rows"), TOK,
+                       "train")
 
 
 def test_validation_is_a_fixed_sample_from_across_the_split(tmp_path, corpus):

@@ -346,6 +346,7 @@ def open_rows(data_config, tokenizer, split: str) -> PreparedRows:
   config.data.prepared_train / prepared_eval directory (checked against the config), else
   prepared here on first use."""
   given = data_config.get(f"prepared_{split}", "")
+  given = given and paths.resolve(given, f"config.data.prepared_{split}")
   path = given or prepare(data_config, tokenizer, split, data_config.get("prepare_workers", 0))
   rows = PreparedRows(path, tokenizer.eos_id)
   check_manifest(rows.manifest, data_config, tokenizer,
