@@ -13,7 +13,7 @@ unigram_loss) and prints a summary. With --tasks, also zero-shot multiple-choice
 from absl import app, flags
 from ml_collections import config_flags
 
-from polycom_jax import cli, compile_cache, distributed, downstream, evaluation
+from polycom_jax import cli, compile_cache, distributed, downstream, evaluation, paths
 from polycom_jax.data import resolve_data_dir
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.",
@@ -40,19 +40,20 @@ def main(argv):
 
 
 def _evaluate():
-  print(f"compilation cache: {compile_cache.enable(_WORKDIR.value) or 'off'}")
+  workdir = paths.resolve(_WORKDIR.value, "--workdir")     # a bad scheme fails here, first
+  print(f"compilation cache: {compile_cache.enable(workdir) or 'off'}")
   tasks = downstream.load_tasks(                     # bad task data fails before compiling
       _TASKS.value, _TASKS_DATA_DIR.value or resolve_data_dir(_CONFIG.value.data),
       _TASKS_LIMIT.value) if _TASKS.value else []
-  result = evaluation.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _STEP.value)
+  result = evaluation.evaluate_checkpoint(_CONFIG.value, workdir, _STEP.value)
   print(evaluation.format_summary(result))
   if tasks:
-    scores = downstream.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, result["step"], tasks)
+    scores = downstream.evaluate_checkpoint(_CONFIG.value, workdir, result["step"], tasks)
     print(downstream.format_table(scores["tasks"]))
     if "path" in scores:
       print(f"written to {scores['path']}")
   if _SAMPLE.value:
-    s, params, _ = evaluation.restore_params(_CONFIG.value, _WORKDIR.value, result["step"])
+    s, params, _ = evaluation.restore_params(_CONFIG.value, workdir, result["step"])
     text = evaluation.generate(s, params, _PROMPT.value, _MAX_NEW.value, _TEMPERATURE.value)
     print(f"--- sample ---\n{_PROMPT.value}{text}")
 
