@@ -92,10 +92,12 @@ class _JsonLines:
   def __init__(self, path: str, resume_step: int):
     self.path = path
     lines = paths.read_text(path).splitlines(keepends=True) if paths.exists(path) else []
-    self._lines = [line for line in lines if _record_step(line) <= resume_step]
-    if len(self._lines) != len(lines):
-      paths.write_text(path, "".join(self._lines))
-    self._file = None if paths.is_uri(path) else open(path, "a", encoding="utf-8")
+    kept = [line for line in lines if _record_step(line) <= resume_step]
+    if len(kept) != len(lines):
+      paths.write_text(path, "".join(kept))
+    uri = paths.is_uri(path)
+    self._lines = kept if uri else None        # only an object is written again whole
+    self._file = None if uri else open(path, "a", encoding="utf-8")
 
   def append(self, line: str):
     if self._file is None:
