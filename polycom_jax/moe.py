@@ -209,12 +209,8 @@ def _ragged_tokens(xf: jax.Array, w: dict, *, c, activate, matmul_impl, **_):
   """Dropless: the N*k assignments sorted by expert, grouped matmuls over the groups.
   xf [N, D] -> (y [N, D] float32, router sums)."""
   weights, experts, sums = _route(xf, w, c)
-  n, d = xf.shape
-  flat_expert = experts.reshape(-1)                                   # [N*k]
-  order = jnp.argsort(flat_expert, stable=True)
-  rows_expert = flat_expert[order]
-  rows_token = jnp.repeat(jnp.arange(n), c.num_experts_per_tok)[order]
-  group_sizes = jnp.bincount(flat_expert, length=c.num_experts).astype(jnp.int32)
+  order, rows_expert, rows_token = moe_dispatch.sort_by_expert(experts)
+  group_sizes = jnp.bincount(rows_expert, length=c.num_experts).astype(jnp.int32)
   matmul = lambda a, b: gmm.grouped_matmul(a, b, group_sizes, matmul_impl)
   out = _expert_mlp(xf[rows_token].astype(c.compute_dtype), w, activate, rows_expert, matmul)
   return combine(out[jnp.argsort(order)], weights), sums
@@ -261,9 +257,8 @@ def _capacity_tokens(xf: jax.Array, w: dict, *, c, activate, **_):
   def matmul(a, b):                        # a [E*C, in] as [E, C, in] against b [E, in, out]
     return jnp.einsum("eci,eio->eco", a.reshape(e, cap, -1), b).reshape(e * cap, -1)
   out = _expert_mlp(buf, w, activate, slot_expert, matmul)           # [E*C, D]
-  gathered = jnp.take(out, slot, axis=0, mode="fill", fill_value=0)  # [N*k, D]
-  contrib = gathered.astype(jnp.float32) * (weights.reshape(-1) * kept)[:, None]
-  return jnp.zeros((n, d), jnp.float32).at[flat_token].add(contrib), sums
+  gathered = jnp.take(out, slot, axis=0, mode="fill", fill_value=0)  # [N*k, D], token-major
+  return combine(gathered, weights * kept.reshape(n, k)), sums
 
 
 def aux_losses(model: nnx.Module) -> dict[str, jax.Array]:

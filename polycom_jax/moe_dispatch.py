@@ -32,6 +32,14 @@ import jax
 import jax.numpy as jnp
 
 
+def sort_by_expert(experts: jax.Array):
+  """The N * k assignments of experts [N, k] in expert order (stable: token order within an
+  expert): (order [A] into the token-major assignments, their experts [A], their tokens [A])."""
+  flat_expert = experts.reshape(-1)                                   # [A], A = N * k
+  order = jnp.argsort(flat_expert, stable=True)
+  return order, flat_expert[order], order // experts.shape[1]
+
+
 def dispatch_tokens(xf: jax.Array, experts: jax.Array, expert_mlp, *, num_experts: int,
                     capacity_factor: float, axis: str | tuple | None, num_shards: int, dtype):
   """(outputs [N * k, D] of every assignment, token-major, zero where dropped; the count of
@@ -43,10 +51,7 @@ def dispatch_tokens(xf: jax.Array, experts: jax.Array, expert_mlp, *, num_expert
   local = num_experts // num_shards
   a = n * k
   cap = max(1, min(a, math.ceil(capacity_factor * a / num_shards)))
-  flat_expert = experts.reshape(-1)                                   # [A]
-  order = jnp.argsort(flat_expert, stable=True)
-  sorted_expert = flat_expert[order]
-  sorted_token = order // k
+  order, sorted_expert, sorted_token = sort_by_expert(experts)
   dest = sorted_expert // local                                       # [A] destination device
   per_dest = jnp.bincount(dest, length=num_shards)
   first_of_dest = jnp.cumsum(per_dest) - per_dest

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.extend import core as jax_core
 
 from configs import tiny_moe
 from polycom_jax import model as model_lib
@@ -131,6 +132,28 @@ def test_dispatch_buffer_drops_the_last_assignments_in_expert_order_and_counts_t
   expected = np_moe(layer, c, x, keep=lambda n, e: (e, n) in kept)
   np.testing.assert_allclose(layer(x), expected, rtol=2e-5, atol=2e-5)
   assert float(layer.dropped[...]) == pytest.approx(1 - len(kept) / len(ranked))
+
+
+@pytest.mark.parametrize("impl", ["ragged", "capacity", "dispatch"])
+def test_no_path_combines_its_outputs_by_a_scatter_add_of_rows(impl):
+  """Each path combines the k outputs of a token by a gather and a contraction: a scatter-add
+  of float32 [N * k, D] rows would hold the largest buffer of the layer."""
+  layer = _layer(_config(moe_impl=impl, moe_capacity_factor=1.0))
+  graph, state = nnx.split(layer)
+  x = jax.random.normal(jax.random.key(3), (2, 6, D))
+  jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graph, s)(x))(state, x)
+  row_scatter_adds = [
+      eqn for eqn in _eqns(jaxpr.jaxpr) if eqn.primitive.name == "scatter-add"
+      and eqn.outvars[0].aval.ndim == 2]      # per-expert counts are vectors, rows are not
+  assert not row_scatter_adds
+
+
+def _eqns(jaxpr):
+  """Every equation of a jaxpr, those of its sub-jaxprs (pjit, custom_vjp) included."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for sub in jax_core.jaxprs_in_params(eqn.params):
+      yield from _eqns(sub)
 
 
 def test_auxiliary_losses_match_their_formulas():
