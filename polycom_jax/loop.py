@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import signal
 import time
 from typing import Callable
 
 import jax
 import ml_collections
-import numpy as np
-from jax.experimental import multihost_utils
 
 from polycom_jax import checkpoint as ckpt_lib
 from polycom_jax import compile_cache
@@ -18,6 +15,7 @@ from polycom_jax import evaluation
 from polycom_jax import metrics as metrics_lib
 from polycom_jax import model as model_lib
 from polycom_jax import paths
+from polycom_jax import preemption
 from polycom_jax import moe
 from polycom_jax import setup as setup_lib
 from polycom_jax import steps as steps_lib
@@ -28,42 +26,6 @@ from polycom_jax.workdir_lock import WorkdirLock
 
 class NonFiniteError(RunError):
   """Training produced a non-finite loss or gradient and the policy says stop."""
-
-
-class StopRequest:
-  """Turns SIGTERM/SIGINT (preemption notices) into a flag the loop checks after each step."""
-
-  def __init__(self):
-    self.signum = None
-    self._previous = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      try:
-        self._previous[sig] = signal.signal(sig, self._handle)
-      except ValueError:          # not the main thread: leave signals alone
-        pass
-    return self
-
-  def _handle(self, signum, frame):
-    log(f"received signal {signum}: finishing this step and writing a checkpoint "
-        "(send it again to abort without one)")
-    self.signum = signum
-    signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-
-def stop_agreed(local_stop: bool) -> bool:
-  """Whether any process was asked to stop, the same answer on every process: preemption
-  notices reach a pod's hosts at different moments, and the checkpoint that follows is a
-  collective every process must enter at the same step (else the run hangs and loses it)."""
-  if jax.process_count() == 1:
-    return local_stop
-  flags = multihost_utils.process_allgather(np.asarray(local_stop, np.int32))
-  return bool(np.max(flags))
 
 
 class StepLog:
@@ -198,7 +160,8 @@ def _train(s: setup_lib.Setup, config: ml_collections.ConfigDict, workdir: str) 
 
     # Step t's metrics are read after step t+1 is dispatched, so the host never idles the
     # devices; steps that evaluate or checkpoint are handled at once (they use that state).
-    with StopRequest() as stop, jax.set_mesh(s.mesh):
+    agree_to_stop = preemption.StopAgreement()
+    with preemption.StopRequest() as stop, jax.set_mesh(s.mesh):
       step, pending = start, None
       while step < t.num_steps:
         batch = steps_lib.global_batch(s, next(train_iter))
@@ -211,7 +174,7 @@ def _train(s: setup_lib.Setup, config: ml_collections.ConfigDict, workdir: str) 
           step_log(*pending, state["params"])
         pending = (step, step_metrics)
         checkpoint_due = bool(t.checkpoint_every) and step % t.checkpoint_every == 0
-        stopping = stop_agreed(stop.signum is not None)      # the same step on every process
+        stopping = agree_to_stop(stop.signum is not None)    # the same step on every process
         if step_log.eval_due(step) or step == t.num_steps or stopping or checkpoint_due:
           step_log(*pending, state["params"])
           pending = None

@@ -18,6 +18,7 @@ import pytest
 
 from polycom_jax import checkpoint as ckpt_lib
 from polycom_jax import loop
+from polycom_jax import preemption
 from polycom_jax import setup as setup_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,6 +91,17 @@ def test_sigterm_checkpoints_exits_zero_and_resume_is_exact(uninterrupted, tmp_p
   assert proc.returncode == 0, proc.stderr
   assert f"resumed from step {stopped}" in proc.stdout
   assert _losses(workdir) == uninterrupted[1]
+
+
+def test_the_stop_agreement_answers_from_the_previous_steps_flags():
+  """Each call dispatches this step's flags and returns the previous call's agreed answer: the
+  host never waits for the step it has just dispatched (a blocking all-gather every step would
+  idle the devices), and every process decides from the same reduced flags."""
+  agree = preemption.StopAgreement()
+  assert agree(False) is False
+  assert agree(True) is False              # this step's flag is still on the devices
+  assert agree(False) is True              # the stop lands one step later
+  assert agree(False) is False
 
 
 KILLS = 6
