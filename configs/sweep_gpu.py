@@ -1,15 +1,18 @@
 """The activation comparison at ~19M parameters for one H200 (experiments/PROTOCOL.md): prepared
 for whoever holds a lent GPU; never run yet (no GPU has been lent to this project).
 
-  python -m experiments.sweep --config=configs/sweep_gpu.py --out=$OUT/sweep_gpu
+  python -m experiments.sweep --config=configs/sweep_gpu.py --out=$OUT/sweep_gpu \
+      --time_budget_s=540
 
 Needs nothing from the network: the corpus is the Python sources of the machine's own
 site-packages (a GPU image holds hundreds of MB of them; prepared on first use, about a minute on
 16 cores), the byte tokenizer. 4 activations x (3 learning rates + 2 more seeds) = 20 runs of
 40M tokens each (2 tokens per parameter: the 10-minute budget cannot buy 20 per parameter at
 this size; the CPU study is the one at 20). Expected about 30-40 s a run on an H200 with bf16
-and cuDNN attention, so about 10-13 minutes in all: unmeasured; --max_runs=N stops early and
-the same command resumes.
+and cuDNN attention, so about 10-13 minutes in all: unmeasured. The runs share one compilation
+cache, so the 8 seed runs skip the train step's compile. --time_budget_s=540 starts no run that
+would end past 9 minutes (a device call's limit is 10); bring $OUT/sweep_gpu/cache back into the
+out directory and the same command runs what is left.
 """
 
 import sysconfig

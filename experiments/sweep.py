@@ -6,12 +6,16 @@ reference activation, sanity orderings, baselines and figures.
   python -m experiments.sweep --config=configs/sweep_cpu.py --out=experiments/results/sweep_cpu
   python -m experiments.sweep --config=configs/sweep_gpu.py --out=$OUT/sweep_gpu     # one H200
   [--max_runs=N]   stop after N new runs (the sweep finishes over several sittings)
+  [--time_budget_s=S]  start no run that would end past S seconds from the start, judged by
+                   the longest run of this sitting (a lent machine's time limit)
   [--plan]         list the runs still to do, with their cache keys, and train nothing
 
 Resumable: every run's summary is cached under OUT/cache/<key>.json, the key a hash of the run's
 full training config; a rerun trains only what is missing (an interrupted run restarts). The
 report (OUT/results.md, OUT/*.png, OUT/runs.json) is rewritten from the cache after every run,
-so it always shows what has finished and lists what has not.
+so it always shows what has finished and lists what has not. All runs share one compilation
+cache, OUT/compilation_cache (unless POLYCOM_COMPILATION_CACHE says otherwise): a run that differs
+from an earlier one only in its seed loads the compiled train and eval steps.
 """
 
 from __future__ import annotations
@@ -30,12 +34,15 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import sweep_report
-from polycom_jax import evaluation, loop, model as model_lib
+from polycom_jax import compile_cache, evaluation, loop, model as model_lib
 from polycom_jax.config_errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/sweep_cpu.py", "Sweep config.")
 _OUT = flags.DEFINE_string("out", "experiments/results/sweep_cpu", "Output directory.")
 _MAX_RUNS = flags.DEFINE_integer("max_runs", 0, "Stop after this many new runs (0: all).")
+_TIME_BUDGET = flags.DEFINE_float(
+    "time_budget_s", 0.0, "Start no run that would end past this many seconds from the start, "
+    "judged by the longest run so far (0: no limit).")
 _PLAN = flags.DEFINE_bool("plan", False, "Only list the runs still to do.")
 
 
@@ -210,19 +217,38 @@ def plan(base, cache: Cache) -> tuple[list[tuple], list[dict]]:
   return todo, done
 
 
-def run_sweep(base, out: str, max_runs: int = 0, command: str = "") -> tuple[list, list]:
-  """Runs what the protocol still needs (at most max_runs new runs; 0: all), rewriting the
-  report after each; returns (runs still to do, finished runs)."""
-  cache, ran = Cache(out), 0
+def run_sweep(base, out: str, max_runs: int = 0, command: str = "",
+              time_budget_s: float = 0.0) -> tuple[list, list]:
+  """Runs what the protocol still needs (at most max_runs new runs, 0: all; none that would end
+  past time_budget_s seconds from now, 0: no limit), rewriting the report after each; returns
+  (runs still to do, finished runs)."""
+  # Each run's workdir is deleted after it, and its compilation cache with it unless the cache
+  # lives beside the results; runs that differ only in their seed compile the same steps.
+  if compile_cache.ENV in os.environ:
+    return _run_sweep(base, out, max_runs, command, time_budget_s)
+  os.environ[compile_cache.ENV] = os.path.join(out, "compilation_cache")
+  try:
+    return _run_sweep(base, out, max_runs, command, time_budget_s)
+  finally:
+    del os.environ[compile_cache.ENV]
+
+
+def _run_sweep(base, out, max_runs, command, time_budget_s):
+  cache, ran, start, longest = Cache(out), 0, time.monotonic(), 0.0
   while True:
     todo, done = plan(base, cache)
     sweep_report.write(base, done, todo, out, command)
     if not todo or (max_runs and ran >= max_runs):
       return todo, done
+    if time_budget_s and time.monotonic() - start + longest > time_budget_s:
+      print(f"stopping: the next run could end past the {time_budget_s:g} s budget "
+            f"(the longest so far took {longest:.0f} s); the same command resumes", flush=True)
+      return todo, done
     row, c = todo[0]
     print(f"run {row['size']} {row['activation']} lr {row['lr']:g} seed {row['seed']} "
           f"({c.train.num_steps} steps)", flush=True)
     work = os.path.join(out, "work", row["key"])
+    run_start = time.monotonic()
     try:
       summary = train_and_summarise(c, work)
     except RunStopped as e:           # SIGTERM: the loop saved and returned; a rerun redoes it
@@ -230,7 +256,7 @@ def run_sweep(base, out: str, max_runs: int = 0, command: str = "") -> tuple[lis
       return todo, done
     cache.put(row["key"], c, summary)
     shutil.rmtree(work, ignore_errors=True)
-    ran += 1
+    ran, longest = ran + 1, max(longest, time.monotonic() - run_start)
 
 
 def main(argv):
@@ -248,7 +274,8 @@ def main(argv):
               f"{row['seed']}  {c.train.num_steps} steps ({row['phase']}, key {row['key']})")
       return
     todo, done = run_sweep(base, out, _MAX_RUNS.value,
-                           " ".join(["python -m experiments.sweep", *sys.argv[1:]]))
+                           " ".join(["python -m experiments.sweep", *sys.argv[1:]]),
+                           _TIME_BUDGET.value)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -12,6 +12,7 @@ import pytest
 from scipy import stats
 
 from experiments import sweep, sweep_report
+from polycom_jax import compile_cache
 
 
 def _base(corpus_glob, data_dir):
@@ -109,3 +110,27 @@ def test_a_stopped_run_is_not_cached(corpus_glob, data_dir, tmp_path, monkeypatc
   base.experiment.activations = ("swiglu",)
   todo, done = sweep.run_sweep(base, out)
   assert not done and len(todo) == 3 and not os.listdir(os.path.join(out, "cache"))
+
+
+def test_a_time_budget_starts_no_run_that_would_end_past_it(corpus_glob, data_dir, tmp_path,
+                                                            monkeypatch):
+  """Runs of 100 fake seconds under a 250 s budget: two run (the third could end at 300 s),
+  the report lists the rest, and every run saw the one compilation cache beside the results."""
+  clock, caches, calls = [0.0], [], []
+  fake = _fake_train(calls)
+
+  def train(c, work):
+    clock[0] += 100.0
+    caches.append(os.environ.get(compile_cache.ENV))
+    return fake(c, work)
+  monkeypatch.setattr(sweep, "train_and_summarise", train)
+  monkeypatch.setattr(sweep.time, "monotonic", lambda: clock[0])
+  monkeypatch.delenv(compile_cache.ENV, raising=False)
+  base, out = _base(corpus_glob, data_dir), str(tmp_path / "out")
+  todo, done = sweep.run_sweep(base, out, time_budget_s=250.0)
+  assert len(done) == 2 and len(calls) == 2 and todo
+  assert caches == [os.path.join(out, "compilation_cache")] * 2
+  assert compile_cache.ENV not in os.environ                 # left as it was found
+  row = todo[0][0]
+  assert (f"- {row['size']} {row['activation']} lr {row['lr']:g} seed {row['seed']}"
+          in open(os.path.join(out, "results.md")).read())
