@@ -15,6 +15,7 @@ import pytest
 
 from polycom_jax import attention
 from polycom_jax.config_errors import ConfigError
+from conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -124,7 +125,7 @@ def test_splash_per_shard_on_eight_devices_equals_xla():
   proc = subprocess.run([sys.executable, "-c", _SHARDED], cwd=ROOT, capture_output=True,
                         text=True, timeout=600,
                         env=dict(os.environ, JAX_PLATFORMS="cpu",
-                                 XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+                                 XLA_FLAGS=xla_flags(8)))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "ok shard_map" in proc.stdout
 

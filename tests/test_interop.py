@@ -23,6 +23,7 @@ from polycom_jax import evaluation, hf_files, hf_layout, interop, model as model
 from polycom_jax import param_layouts
 from polycom_jax import setup as setup_lib
 from polycom_jax.config_errors import ConfigError
+from conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ACTIVATIONS = ("swiglu", "polynorm", "polyrelu", "polynorm_glu", "polyrelu_glu")
@@ -385,7 +386,7 @@ def _fields_on_default(fields: dict):
 def _convert(config, *args) -> subprocess.CompletedProcess:
   """convert.py on configs/tiny.py with the test corpus, on 4 CPU devices as a 2 x 2 mesh
   (fsdp x tensor), so the checkpoint is read and written sharded."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(4))
   return subprocess.run(
       [sys.executable, "convert.py", "--config=configs/tiny.py", "--config.mesh.fsdp=2",
        "--config.mesh.tensor=2", f"--config.data.text_glob={config.data.text_glob}",

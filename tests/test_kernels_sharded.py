@@ -12,6 +12,8 @@ import sys
 
 import numpy as np
 
+from conftest import xla_flags
+
 EPS = 1e-6
 
 
@@ -138,7 +140,7 @@ def _check_dispatch():
 
 
 def test_sharded_kernels_and_the_dispatch_point():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8),
              JAX_PLATFORMS="cpu")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])

@@ -18,6 +18,7 @@ from polycom_jax import grouped_matmul
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import moe_dispatch_worker as worker  # noqa: E402
+from conftest import xla_flags
 
 DROPLESS = [c for c, (_, factor, _) in worker.CASES.items() if factor > 1]
 
@@ -25,9 +26,7 @@ DROPLESS = [c for c, (_, factor, _) in worker.CASES.items() if factor > 1]
 @pytest.fixture(scope="module")
 def arrays(tmp_path_factory):
   out = tmp_path_factory.mktemp("moe_dispatch")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
-      "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-      "--xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false"))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(8))
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "moe_dispatch_worker.py"),
                          str(out)], env=env, cwd=ROOT, capture_output=True, text=True,
                         timeout=600)

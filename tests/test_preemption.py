@@ -20,6 +20,7 @@ from polycom_jax import checkpoint as ckpt_lib
 from polycom_jax import loop
 from polycom_jax import preemption
 from polycom_jax import setup as setup_lib
+from conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 40
@@ -338,7 +339,7 @@ def _pair(workdir, corpus_glob, data_dir, port):
   for i in range(2):
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
                JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+               XLA_FLAGS=xla_flags(1))
     cmd = _command(workdir, corpus_glob, data_dir, "--config.train.num_steps=12",
                    "--config.train.checkpoint_every=0")
     procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,

@@ -3,8 +3,9 @@ device, two processes train like one, and a checkpoint restores onto another mes
 
 The layout checks run in ONE subprocess with 8 fake CPU devices (tests/sharding_worker.py) so
 the fake devices never slow the rest of the suite; the two-process run uses two more processes
-(jax.distributed on localhost, gloo CPU collectives). Both compile with XLA's cheap CPU codegen
-(FAST_COMPILE: 5-10x faster compiles; every comparison is between programs built the same way).
+(jax.distributed on localhost, gloo CPU collectives). Like the whole suite they compile with
+XLA's cheap CPU codegen (conftest.FAST_COMPILE); every comparison is between programs built the
+same way.
 Tolerances are float32 reduction-order noise: losses and eval losses to 2e-6 relative,
 gradients and PolyNorm outputs to 1e-5 of each array's largest magnitude (1e-4 for Adam's
 moments after 3 steps).
@@ -36,9 +37,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "sharding_worker.py")
 sys.path.insert(0, os.path.dirname(WORKER))
 import sharding_worker as worker  # noqa: E402
+from conftest import xla_flags
 
-FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
-                "--xla_cpu_use_fusion_emitters=false")
 LOSS_RTOL = 2e-6
 ARRAY_TOL = 1e-5
 MOMENT_TOL = 1e-4
@@ -47,7 +47,7 @@ LAYOUT_IDS = [f"{a}-{l}" for a in worker.ACTIVATIONS for l in worker.LAYOUTS]
 
 def _env(devices: int, **extra) -> dict:
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}")
+             XLA_FLAGS=xla_flags(devices))
   env.update(extra)
   return env
 
