@@ -7,27 +7,25 @@ CPU machine (jax.experimental.topologies) and compiles for it with the real TPU 
 + Mosaic for the Pallas kernels). `run` builds the mesh from the slice's devices with the
 config's parallelism, lowers and compiles the train step (and the eval step) from abstract shapes
 only, and prints per-chip memory against the chip's HBM (and the host memory of offloaded
-remat), XLA's cost analysis, the bytes of the collectives in the compiled HLO
-(hlo_stats.py), the model FLOPs from the exact formula and the compile times;
-`max_batch` also searches for the largest global batch whose train step fits.
+remat), XLA's cost analysis, the bytes of the collectives in the compiled HLO (hlo_stats.py),
+the model FLOPs from the exact formula and the compile times; `max_batch` also searches for the
+largest global batch whose train step fits.
 
 With config.model.scan_layers (the paper configs' default) the step holds one scanned block, so
 it compiles in seconds at any depth; XLA's cost analysis then counts the loop body once, so the
 FLOPs, bytes and collective bytes reported are extrapolated from unrolled 1- and 2-layer
-compiles of the same step (they are affine in the number of layers):
-f(L) = f(1) + (L - 1) * (f(2) - f(1)); those compiles run the MLP's and the loss's sequence
-chunks (also loops) whole. Likewise the
-gradient-accumulation loop (config.train.micro_batch_size): the train step's cost is multiplied
-by the number of micro-batches.
+compiles of the same step (they are affine in the number of layers): f(L) = f(1) + (L - 1) *
+(f(2) - f(1)); those compiles run the MLP's and the loss's sequence chunks (also loops) whole.
+Likewise the gradient-accumulation loop (config.train.micro_batch_size): the train step's cost
+is multiplied by the number of micro-batches.
 
 For the target backend, "auto" settings resolve as on a TPU: config.model.activation_impl
 "auto" -> "pallas" (so the fused kernels go through the Mosaic compile); setup resolves
 attention_impl "auto" -> "splash" (XLA when seq_len is not a multiple of 128), moe_matmul ->
 "megablox" and dtype -> "bfloat16" for the topology's platform. XLA's cost analysis does not
 see inside a Pallas call: with splash (megablox), the attention (expert matmul) FLOPs are
-missing from "XLA FLOPs" (the model formula counts them). config.data.tokenizer falls back to the byte
-tokenizer when no tokenizer_path is given (only the vocabulary size check and the eval step's
-byte table use it).
+missing from "XLA FLOPs" (the model formula counts them). config.data.tokenizer falls back to
+the byte tokenizer without a tokenizer_path (only the vocabulary check and the byte table use it).
 """
 
 from __future__ import annotations
@@ -132,11 +130,14 @@ class StepReport:
   code: int
   flops: float
   bytes_accessed: float
-  mosaic_kernels: int      # Pallas TPU kernels (Mosaic custom calls) in the compiled step
   oom: str = ""            # the TPU compiler's out-of-memory message, when it gave up
   host_temp: int = 0       # host memory the step uses (remat "offload": the block inputs)
   collectives: dict = dataclasses.field(default_factory=dict)   # {kind: result bytes}
   kernels: dict = dataclasses.field(default_factory=dict)       # {Pallas kernel: calls}
+
+  @property
+  def mosaic_kernels(self) -> int:         # Pallas TPU kernel calls (Mosaic custom calls)
+    return sum(self.kernels.values())
 
   @property
   def total(self) -> int:
@@ -180,7 +181,7 @@ def compile_step(name: str, jitted, *args, argument_bytes: int = 0) -> StepRepor
                 text.splitlines()[0])
     nan = float("nan")
     return StepReport(name, time.perf_counter() - t0, argument_bytes, 0, 0,
-                      _oom_temp_bytes(line), 0, nan, nan, 0, oom=line.strip()[:500])
+                      _oom_temp_bytes(line), 0, nan, nan, oom=line.strip()[:500])
   dt = time.perf_counter() - t0
   m = compiled.memory_analysis()
   cost = _cost(compiled)
@@ -189,7 +190,6 @@ def compile_step(name: str, jitted, *args, argument_bytes: int = 0) -> StepRepor
                     m.alias_size_in_bytes, m.temp_size_in_bytes,
                     m.generated_code_size_in_bytes, float(cost.get("flops", float("nan"))),
                     float(cost.get("bytes accessed", float("nan"))),
-                    text.count('custom_call_target="tpu_custom_call"'),
                     host_temp=m.host_temp_size_in_bytes,
                     collectives=hlo_stats.collective_bytes(text),
                     kernels=hlo_stats.mosaic_kernels(text))
@@ -238,11 +238,12 @@ def unrolled_costs(config, devices, reports):
   small = [{r.name: r for r in compile_steps(
       _with_model(unrolled, num_layers=n), devices,
       skip_eval=all(r.name != "eval" for r in reports))[1]} for n in (1, 2)]
+  full_depth = lambda one, two: one + (layers - 1) * (two - one)
   for r in reports:
     one, two = small[0][r.name], small[1][r.name]
-    r.flops = one.flops + (layers - 1) * (two.flops - one.flops)
-    r.bytes_accessed = one.bytes_accessed + (layers - 1) * (two.bytes_accessed - one.bytes_accessed)
-    r.collectives = {k: one.collectives[k] + (layers - 1) * (two.collectives[k] - one.collectives[k])
+    r.flops = full_depth(one.flops, two.flops)
+    r.bytes_accessed = full_depth(one.bytes_accessed, two.bytes_accessed)
+    r.collectives = {k: full_depth(one.collectives[k], two.collectives[k])
                      for k in one.collectives}
 
 
@@ -341,7 +342,8 @@ def run(config, topology: str, skip_eval: bool = False, max_batch: bool = False,
             "attention_impl": mc.attention_impl, "remat": mc.remat, "mlp_chunk": mc.mlp_chunk,
             "activation": mc.activation, "global_batch_size": t.global_batch_size,
             "seq_len": seq, "model_flops_per_chip": model_flops,
-            "steps": {r.name: dataclasses.asdict(r) | {"total": r.total} for r in reports}}
+            "steps": {r.name: dataclasses.asdict(r) | {"total": r.total, "mosaic_kernels":
+                                                     r.mosaic_kernels} for r in reports}}
   result["fits"] = all(r.fits(hbm) for r in reports)
 
   g = lambda b: f"{b / GiB:.2f} GiB" if b >= GiB else f"{b / 2**20:.2f} MiB"
