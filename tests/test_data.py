@@ -315,6 +315,24 @@ def test_process_shards_are_disjoint_and_cover_the_data(cfg):
   assert {tuple(d) for d in seen} <= {tuple(d) for d in docs[1]}
 
 
+def test_the_eval_batch_count_of_several_processes_is_tokenized_once(cfg, monkeypatch):
+  """The count tokenizes every process's shard; the training loop evaluates many times, so the
+  second evaluation of a run reads only its own shard."""
+  from polycom_jax.data import pipeline
+  reads = []
+  shard = pipeline._process_shard
+  monkeypatch.setattr(pipeline, "_process_shard", lambda *a: reads.append(a[2]) or shard(*a))
+  first = list(data.make_eval_iterator(cfg, data.ByteTokenizer(), batch_size=2,
+                                       process_index=1, process_count=3))
+  assert sorted(reads) == [0, 1, 1, 2]          # the count reads every shard, then its own
+  tokenizer, reads[:] = data.ByteTokenizer(), []
+  for _ in range(2):
+    again = list(data.make_eval_iterator(cfg, tokenizer, batch_size=2, process_index=1,
+                                         process_count=3))
+  assert reads == [1, 0, 1, 2, 1]               # a new tokenizer counts once more, then never
+  _assert_batches_equal(again, first)
+
+
 def test_more_processes_than_documents(cfg):
   """Eval shards may be empty (all-padding batches keep the step counts equal); train may not."""
   num_docs = len(data.get_data_source(cfg, "validation"))

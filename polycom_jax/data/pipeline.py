@@ -181,9 +181,25 @@ def make_train_iterator(data_config, tokenizer: Tokenizer, *, batch_size: int, s
   return _finish(ds.batch(batch_size, drop_remainder=True), data_config)
 
 
+# (data config, tokenizer, batch size, max_batches, process count) -> (tokenizer, batches). The
+# count tokenizes every process's shard, and the training loop evaluates many times: once a run.
+_EVAL_BATCHES: dict[tuple, tuple[Tokenizer, int]] = {}
+
+
 def _num_eval_batches(data_config, tokenizer: Tokenizer, *, batch_size: int, max_batches: int,
                       process_count: int) -> int:
   """The most batches any process's shard packs into (at most max_batches if > 0)."""
+  key = (data_config.to_json_best_effort(sort_keys=True), id(tokenizer), batch_size, max_batches,
+         process_count)
+  if key not in _EVAL_BATCHES:        # the tokenizer is kept with its count: its id stays its own
+    _EVAL_BATCHES[key] = tokenizer, _count_eval_batches(
+        data_config, tokenizer, batch_size=batch_size, max_batches=max_batches,
+        process_count=process_count)
+  return _EVAL_BATCHES[key][1]
+
+
+def _count_eval_batches(data_config, tokenizer: Tokenizer, *, batch_size: int, max_batches: int,
+                        process_count: int) -> int:
   tokenize = _Tokenize(tokenizer, data_config.text_feature)
   cap = max_batches * batch_size * data_config.seq_len if max_batches else math.inf
   most = 0
@@ -228,7 +244,7 @@ def make_eval_iterator(data_config, tokenizer: Tokenizer, *, batch_size: int,
   On the fly: one pass over config.data.eval_split, in order; padding rows (loss_mask 0) fill
   the last batch. At most max_batches batches (0: all). With several processes every process
   yields the same number of batches (on the fly: the largest shard's; this tokenizes the split
-  once up front)."""
+  once up front, the first time a run asks)."""
   if data_config.get("prepared", False):
     return _prepared_eval(data_config, tokenizer, batch_size=batch_size,
                           max_batches=max_batches, process_index=process_index,
