@@ -10,7 +10,8 @@ outputs are summed with the router weights. Two ways to compute it:
   matmuls.
 Under a mesh both run per shard (shard_map): each device routes its own N tokens against every
 expert's weights, gathered layer by layer as FSDP gathers dense weights (the `expert` and `fsdp`
-axes split the weights' storage and the tokens; no all-to-all); capacity is then per shard.
+axes split the weights' storage and the tokens; no all-to-all), inside the shard_map, so their
+gradients leave by reduce-scatter; capacity is then per shard.
 - "dispatch" (expert parallel, moe_dispatch.py): the experts stay on the devices of the
   `expert` axis that hold them and the tokens are sent there and back by all_to_all, with a
   per-destination buffer of capacity_factor * N * k / P rows (dropless at capacity_factor >= P;
@@ -44,6 +45,10 @@ from polycom_jax import sharding
 from polycom_jax.layers import DTYPES, RESIDUAL, constant_param, param
 
 MOE_IMPLS = ("ragged", "capacity", "dispatch")
+# Logical axes of the layer's arrays (the per-expert PolyCom coefficients' too).
+AXES = {"router": ("embed", None), "w_up": ("expert", "embed", "mlp"),
+        "w_gate": ("expert", "embed", "mlp"), "w_down": ("expert", "mlp", "embed"),
+        "act_weight": ("expert", None), "act_bias": ("expert", None)}
 
 
 class RouterStats(nnx.Intermediate):
@@ -88,17 +93,16 @@ class MoE(nnx.Module):
     self.spec = activations.get(c.activation)
     pd, std, e, d, f = DTYPES[c.param_dtype], c.init_std, c.num_experts, c.d_model, c.moe_d_ff
     cut = c.init_truncation
-    self.router = param(rngs, (d, e), ("embed", None), std, pd, truncate=cut)
-    self.w_up = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std, pd, truncate=cut)
+    self.router = param(rngs, (d, e), AXES["router"], std, pd, truncate=cut)
+    self.w_up = param(rngs, (e, d, f), AXES["w_up"], std, pd, truncate=cut)
     if self.spec.gated:
-      self.w_gate = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std, pd, truncate=cut)
-    self.w_down = param(rngs, (e, f, d), ("expert", "mlp", "embed"), c.output_std, pd,
-                        truncate=cut)
+      self.w_gate = param(rngs, (e, d, f), AXES["w_gate"], std, pd, truncate=cut)
+    self.w_down = param(rngs, (e, f, d), AXES["w_down"], c.output_std, pd, truncate=cut)
     if self.spec.has_params and c.activation_per_expert:
       r = c.activation_order
       self.act_weight = constant_param(jnp.full((e, r), 1.0 / r, jnp.float32),
-                                       ("expert", None), "activation")
-      self.act_bias = constant_param(jnp.zeros((e, 1), jnp.float32), ("expert", None),
+                                       AXES["act_weight"], "activation")
+      self.act_bias = constant_param(jnp.zeros((e, 1), jnp.float32), AXES["act_bias"],
                                      "activation")
     elif self.spec.has_params:            # one set shared by the experts (the paper's OLMoE)
       self.act = self.spec.make(order=c.activation_order, impl=c.activation_impl)
@@ -128,18 +132,25 @@ class MoE(nnx.Module):
     if layout is not None and _splits_rows(layout, b):
       # Each device routes and computes its own tokens. Left to GSPMD, the global sort
       # (ragged) or position cumsum (capacity) over every token would be replicated on every
-      # chip. The gather paths take all experts' weights (gathered per layer, like FSDP);
-      # dispatch keeps each device's own experts and sends tokens over the expert axis.
+      # chip. The weights enter in their own shards and are all-gathered inside, layer by
+      # layer as FSDP gathers dense weights, so that their gradients leave by reduce-scatter
+      # (a replicated input's would be all-reduced whole on every chip). The gather paths
+      # gather every expert; dispatch keeps each device's own experts and sends tokens over
+      # the expert axis.
       mesh, spec = layout
       axes = spec[0]
       _, expert_spec = sharding.active_layout(("expert",))
       ep_axes = expert_spec[0] if c.moe_impl == "dispatch" else None
       ep = math.prod(mesh.shape[a] for a in sharding.axes_of(ep_axes))
-      per_expert = lambda name: name.startswith("w_") or (
-          name.startswith("act_") and c.activation_per_expert)
-      w_specs = {name: P(ep_axes) if per_expert(name) else P() for name in w}
+      shared = lambda name: name.startswith("act_") and not c.activation_per_expert
+      w_specs = {name: P() if shared(name) else sharding.active_layout(AXES[name])[1]
+                 for name in w}
+      kept = {name: 0 for name in w if ep_axes is not None and AXES[name][0] == "expert"
+              and not shared(name)}                     # dispatch: the expert dim stays split
 
       def per_shard(x, w):
+        w = {name: _all_gather(v, w_specs[name], keep_dim=kept.get(name))
+             for name, v in w.items()}
         with sharding.per_shard():
           y, sums = tokens_fn(x.reshape(-1, d), w, c=c, activate=activate,
                               matmul_impl=c.moe_matmul, ep_axes=ep_axes, ep=ep)
@@ -161,6 +172,15 @@ class MoE(nnx.Module):
     if c.moe_impl == "dispatch":
       self.dropped = RouterStats(sums["dropped"] / (sums["tokens"] * c.num_experts_per_tok))
     return checkpoint_name(y.astype(c.compute_dtype), "mlp_out")
+
+
+def _all_gather(v: jax.Array, spec: P, keep_dim: int | None) -> jax.Array:
+  """Inside shard_map: v's shard gathered whole along every split dim except keep_dim (its
+  transpose, in the backward pass, is a reduce-scatter)."""
+  for dim, entry in enumerate(spec):
+    if dim != keep_dim and sharding.axes_of(entry):
+      v = jax.lax.all_gather(v, sharding.axes_of(entry), axis=dim, tiled=True)
+  return v
 
 
 def _splits_rows(layout, batch: int) -> bool:

@@ -20,6 +20,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
+from jax.extend import core as jax_core  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from configs import tiny  # noqa: E402
@@ -113,6 +114,25 @@ def init_memory(s: setup_lib.Setup) -> dict:
   with jax.set_mesh(s.mesh):
     analysis = jax.jit(init, out_shardings=s.state_shardings).lower().compile().memory_analysis()
   return {"output": analysis.output_size_in_bytes, "temp": analysis.temp_size_in_bytes}
+
+
+def gradient_collectives(s: setup_lib.Setup, state, batches) -> dict[str, int]:
+  """{collective: the largest array it takes} in the gradient program's jaxpr (shard_map bodies
+  included): how the MoE layer's weight gradients leave its shard_map."""
+  def eqns(jaxpr):
+    for eqn in jaxpr.eqns:
+      yield eqn
+      for sub in jax_core.jaxprs_in_params(eqn.params):
+        yield from eqns(sub)
+  with jax.set_mesh(s.mesh):
+    jaxpr = jax.make_jaxpr(make_grad_fn(s))(state["params"],
+                                            steps_lib.global_batch(s, batches[0]))
+  largest: dict[str, int] = {}
+  for eqn in eqns(jaxpr.jaxpr):
+    if eqn.primitive.name in ("psum", "reduce_scatter", "all_gather"):
+      size = max(int(np.prod(v.aval.shape)) for v in eqn.invars)
+      largest[eqn.primitive.name] = max(largest.get(eqn.primitive.name, 0), size)
+  return largest
 
 
 def run_layout(config, devices, batches) -> tuple[setup_lib.Setup, dict, dict, dict]:
@@ -234,6 +254,12 @@ def layouts(out_dir: str, batches_npz: str):
     _, _, scalars[f"moe_{impl}/expert4_data2"], a = run_layout(
         moe_config(impl, {"data": 2, "expert": 4}), devices, batches)
     arrays.update({f"moe_{impl}/expert4_data2/{k}": v for k, v in a.items()})
+  # FSDP too: the expert weights split over `fsdp` and `expert`, their gradients reduce-scattered.
+  for impl in ("ragged", "dispatch"):
+    s, state, scalars[f"moe_{impl}/fsdp4_expert2"], a = run_layout(
+        moe_config(impl, {"fsdp": 4, "expert": 2}), devices, batches)
+    arrays.update({f"moe_{impl}/fsdp4_expert2/{k}": v for k, v in a.items()})
+    scalars[f"moe_{impl}/fsdp4_expert2"]["collectives"] = gradient_collectives(s, state, batches)
   # A tensor axis too (it repeats the MoE layer's work, but must not change the result), with
   # the fused kernel per shard inside the layer's shard_map.
   tensor_moe = moe_config("ragged", {"data": 2, "expert": 2, "tensor": 2})

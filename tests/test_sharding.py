@@ -114,11 +114,13 @@ def _pairs(arrays: dict, act: str, layout: str, kind: str):
                                          for l in worker.LAYOUTS]
                          + [("polynorm", "data2_tensor4_pallas")]
                          + [(f"moe_{impl}", "expert4_data2") for impl in worker.MOE_IMPLS]
+                         + [(f"moe_{impl}", "fsdp4_expert2") for impl in ("ragged", "dispatch")]
                          + [("moe_ragged", "expert4_data2_pallas")]
                          + [("moe_ragged", "expert2_data2_tensor2_pallas")]
                          + [("polynorm_scan", "fsdp2_tensor4_pallas")],
                          ids=LAYOUT_IDS + ["polynorm-data2_tensor4-fused_pallas_kernel"]
                          + [f"moe_{impl}-expert4_data2" for impl in worker.MOE_IMPLS]
+                         + [f"moe_{impl}-fsdp4_expert2" for impl in ("ragged", "dispatch")]
                          + ["moe_ragged-expert4_data2-activation_impl_pallas"]
                          + ["moe_ragged-expert2_data2_tensor2-fused_pallas_kernel"]
                          + ["polynorm-scan_layers-fsdp2_tensor4-fused_pallas_kernel"])
@@ -135,6 +137,17 @@ def test_layout_matches_one_device(layouts, act, layout):
   assert len(got["curve"]) == worker.TRAIN_STEPS
   np.testing.assert_allclose(got["curve"], ref["curve"], rtol=LOSS_RTOL)
   assert ref["curve"][-1] < ref["curve"][0] - 0.01   # it trained: the comparison is not vacuous
+
+
+@pytest.mark.parametrize("impl", ["ragged", "dispatch"])
+def test_moe_expert_gradients_leave_by_reduce_scatter(layouts, impl):
+  """Under (fsdp 4, expert 2) the MoE layer gathers its weight shards inside its shard_map, so
+  each weight's gradient leaves by reduce-scatter: nothing the size of a whole expert weight
+  ([8 experts, 64, 96]) is all-reduced on every device, as it was with replicated inputs."""
+  largest = layouts[0][f"moe_{impl}/fsdp4_expert2"]["collectives"]
+  whole = 8 * 64 * 96
+  assert largest["reduce_scatter"] >= whole // 2, largest   # dispatch keeps its 4 experts
+  assert largest["psum"] <= whole // 8, largest               # an (fsdp, expert) shard at most
 
 
 @pytest.mark.parametrize("layout, ways", [("data8", 1), ("fsdp8", 8), ("fsdp4_tensor2", 8),
