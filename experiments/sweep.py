@@ -224,13 +224,14 @@ def run_sweep(base, out: str, max_runs: int = 0, command: str = "",
   (runs still to do, finished runs)."""
   # Each run's workdir is deleted after it, and its compilation cache with it unless the cache
   # lives beside the results; runs that differ only in their seed compile the same steps.
-  if compile_cache.ENV in os.environ:
-    return _run_sweep(base, out, max_runs, command, time_budget_s)
-  os.environ[compile_cache.ENV] = os.path.join(out, "compilation_cache")
+  ours = compile_cache.ENV not in os.environ
+  if ours:
+    os.environ[compile_cache.ENV] = os.path.join(out, "compilation_cache")
   try:
     return _run_sweep(base, out, max_runs, command, time_budget_s)
   finally:
-    del os.environ[compile_cache.ENV]
+    if ours:
+      del os.environ[compile_cache.ENV]
 
 
 def _run_sweep(base, out, max_runs, command, time_budget_s):

@@ -4,6 +4,7 @@ import os
 import sysconfig
 
 import pytest
+from jax.extend import core as jax_core
 
 from configs import tiny
 
@@ -20,6 +21,15 @@ os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".st
 def xla_flags(devices: int) -> str:
   """XLA_FLAGS for a test's subprocess with `devices` fake CPU devices."""
   return f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
+
+
+def jaxpr_eqns(jaxpr):
+  """Every equation of a jaxpr, those of its sub-jaxprs (pjit, custom_vjp, shard_map, scan)
+  included."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for sub in jax_core.jaxprs_in_params(eqn.params):
+      yield from jaxpr_eqns(sub)
 
 
 @pytest.fixture(scope="session")

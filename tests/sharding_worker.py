@@ -20,7 +20,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
-from jax.extend import core as jax_core  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from configs import tiny  # noqa: E402
@@ -30,6 +29,7 @@ from polycom_jax import setup as setup_lib  # noqa: E402
 from polycom_jax import steps as steps_lib  # noqa: E402
 from polycom_jax import checkpoint as ckpt_lib  # noqa: E402
 from polycom_jax.config_errors import ConfigError  # noqa: E402
+from conftest import jaxpr_eqns  # noqa: E402
 
 SINGLE = {"data": 1, "fsdp": 1, "tensor": 1}
 LAYOUTS = {
@@ -119,16 +119,11 @@ def init_memory(s: setup_lib.Setup) -> dict:
 def gradient_collectives(s: setup_lib.Setup, state, batches) -> dict[str, int]:
   """{collective: the largest array it takes} in the gradient program's jaxpr (shard_map bodies
   included): how the MoE layer's weight gradients leave its shard_map."""
-  def eqns(jaxpr):
-    for eqn in jaxpr.eqns:
-      yield eqn
-      for sub in jax_core.jaxprs_in_params(eqn.params):
-        yield from eqns(sub)
   with jax.set_mesh(s.mesh):
     jaxpr = jax.make_jaxpr(make_grad_fn(s))(state["params"],
                                             steps_lib.global_batch(s, batches[0]))
   largest: dict[str, int] = {}
-  for eqn in eqns(jaxpr.jaxpr):
+  for eqn in jaxpr_eqns(jaxpr.jaxpr):
     if eqn.primitive.name in ("psum", "reduce_scatter", "all_gather"):
       size = max(int(np.prod(v.aval.shape)) for v in eqn.invars)
       largest[eqn.primitive.name] = max(largest.get(eqn.primitive.name, 0), size)

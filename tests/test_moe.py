@@ -8,12 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.extend import core as jax_core
 
 from configs import tiny_moe
 from polycom_jax import model as model_lib
 from polycom_jax import loop, moe
 from polycom_jax.config_errors import ConfigError
+from conftest import jaxpr_eqns
 from test_activations import np_poly_norm, np_poly_relu
 
 E, K, D, F = 6, 2, 16, 24
@@ -143,17 +143,9 @@ def test_no_path_combines_its_outputs_by_a_scatter_add_of_rows(impl):
   x = jax.random.normal(jax.random.key(3), (2, 6, D))
   jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graph, s)(x))(state, x)
   row_scatter_adds = [
-      eqn for eqn in _eqns(jaxpr.jaxpr) if eqn.primitive.name == "scatter-add"
+      eqn for eqn in jaxpr_eqns(jaxpr.jaxpr) if eqn.primitive.name == "scatter-add"
       and eqn.outvars[0].aval.ndim == 2]      # per-expert counts are vectors, rows are not
   assert not row_scatter_adds
-
-
-def _eqns(jaxpr):
-  """Every equation of a jaxpr, those of its sub-jaxprs (pjit, custom_vjp) included."""
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for sub in jax_core.jaxprs_in_params(eqn.params):
-      yield from _eqns(sub)
 
 
 def test_auxiliary_losses_match_their_formulas():

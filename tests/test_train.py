@@ -9,7 +9,6 @@ import sys
 import tempfile
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -22,6 +21,7 @@ from polycom_jax import evaluation, loop
 from polycom_jax import setup as setup_lib
 from polycom_jax import steps as steps_lib
 from polycom_jax.config_errors import ConfigError
+from conftest import jaxpr_eqns
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -232,14 +232,8 @@ def test_chunked_loss_equals_the_whole_one_and_never_holds_the_logits(setup_and_
 
   def shapes(chunk):
     program = jax.make_jaxpr(jax.grad(lambda p: loss(p, chunk)[0]))(params)
-    found = set()
-    def visit(jaxpr):
-      for eqn in jaxpr.eqns:
-        found.update(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-          visit(sub)
-    visit(program.jaxpr)
-    return found
+    return {tuple(v.aval.shape) for eqn in jaxpr_eqns(program.jaxpr) for v in eqn.outvars
+            if hasattr(v.aval, "shape")}
 
   assert full in shapes(0)                                  # the check can fail
   assert full not in shapes(8)
